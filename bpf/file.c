@@ -1,0 +1,438 @@
+/* zonewatch file channel: file operations that zones' backend processes (QEMU's 9p server,
+ * virtiofsd) make on the guest's behalf.
+ *
+ * Syscall tracepoints, filtered first by the zone_pids map so a non-zone process pays one
+ * hash lookup. Path operations stash their arguments at entry and emit one record at exit
+ * with the result. Reads and writes are counted per (pid, fd) in the kernel; only the
+ * first of an open period and the close (with totals) cross into user space.
+ *
+ * Each probe is compiled only when its tracepoint exists (-DZW_TP_<name>, set by the
+ * loader), so one source serves kernels with and without e.g. fchmodat2.
+ */
+#include <uapi/linux/fcntl.h>
+#include <uapi/linux/openat2.h>
+#include "zonewatch.h"
+
+/* pwritev2/preadv2 tracepoint formats name this kernel-internal type. */
+typedef int rwf_t;
+
+#ifndef ZW_MAX_ZONE_PIDS
+#define ZW_MAX_ZONE_PIDS 16384
+#endif
+#ifndef ZW_MAX_FDS
+#define ZW_MAX_FDS 65536
+#endif
+#ifndef ZW_RINGBUF_PAGES
+#define ZW_RINGBUF_PAGES 256
+#endif
+
+BPF_HASH(zone_pids, u32, u32, ZW_MAX_ZONE_PIDS);            /* tgid -> zone key */
+BPF_HASH(pending, u32, struct zw_file_event, 4096);         /* tid -> stashed record */
+BPF_HASH(pending_io, u32, struct zw_fd_key, 4096);          /* tid -> fd being read/written */
+BPF_TABLE("lru_hash", struct zw_fd_key, struct zw_fd_state, fds, ZW_MAX_FDS);
+BPF_PERCPU_ARRAY(scratch, struct zw_file_event, 1);
+BPF_PERCPU_ARRAY(lost, u64, ZW_LOST_NSOURCES);
+BPF_RINGBUF_OUTPUT(events, ZW_RINGBUF_PAGES);
+
+static __always_inline void count_lost(int source)
+{
+	u64 *n = lost.lookup(&source);
+	if (n)
+		(*n)++;
+}
+
+static __always_inline u32 *zone_of_current(void)
+{
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	return zone_pids.lookup(&tgid);
+}
+
+static __always_inline struct zw_file_event *fresh_record(u32 zone_key, u32 op)
+{
+	int zero = 0;
+	struct zw_file_event *e = scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	__builtin_memset(e, 0, sizeof(*e));
+	e->hdr.type = ZW_REC_FILE;
+	e->hdr.size = sizeof(*e);
+	e->hdr.zone_key = zone_key;
+	e->hdr.ts_ns = bpf_ktime_get_ns();
+	e->hdr.pid = id >> 32;
+	e->hdr.tid = (u32)id;
+	bpf_get_current_comm(&e->hdr.comm, sizeof(e->hdr.comm));
+	e->op = op;
+	return e;
+}
+
+/* Entry of a path operation: stash the arguments until the syscall returns. */
+static __always_inline int path_enter(u32 op, int dirfd, const char *path, int dirfd2,
+				      const char *path2, u64 flags, u32 mode)
+{
+	u32 *zone = zone_of_current();
+	if (!zone)
+		return 0;
+	struct zw_file_event *e = fresh_record(*zone, op);
+	if (!e)
+		return 0;
+	e->dirfd = dirfd;
+	e->dirfd2 = dirfd2;
+	e->flags = flags;
+	e->mode = mode;
+	if (path)
+		bpf_probe_read_user_str(e->path, sizeof(e->path), path);
+	if (path2)
+		bpf_probe_read_user_str(e->path2, sizeof(e->path2), path2);
+	u32 tid = e->hdr.tid;
+	if (pending.update(&tid, e) != 0)
+		count_lost(ZW_LOST_PENDING);
+	return 0;
+}
+
+/* Exit of a path operation: emit the stashed record with the result. */
+static __always_inline int path_exit(long ret)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct zw_file_event *e = pending.lookup(&tid);
+	if (!e)
+		return 0;
+	e->ret = ret;
+	if (e->op == ZW_FILE_OPEN && ret >= 0) {
+		/* Track the new fd so its I/O is counted here, not sent per call. */
+		struct zw_fd_key key = {.pid = e->hdr.pid, .fd = (s32)ret};
+		struct zw_fd_state state = {.zone_key = e->hdr.zone_key};
+		fds.update(&key, &state);
+	}
+	if (events.ringbuf_output(e, sizeof(*e), 0) != 0)
+		count_lost(ZW_LOST_RINGBUF);
+	pending.delete(&tid);
+	return 0;
+}
+
+/* An fd-based metadata operation (fchmod, fchown, ftruncate, fsetxattr). */
+static __always_inline int fd_op_enter(u32 op, int fd, const char *name, u32 mode)
+{
+	return path_enter(op, fd, 0, -1, name, 0, mode);
+}
+
+/* Entry of read/write: remember the fd if the kernel tracks it. */
+static __always_inline int io_enter(int fd)
+{
+	u32 *zone = zone_of_current();
+	if (!zone)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	struct zw_fd_key key = {.pid = id >> 32, .fd = fd};
+	if (!fds.lookup(&key))
+		return 0;
+	u32 tid = (u32)id;
+	pending_io.update(&tid, &key);
+	return 0;
+}
+
+/* Exit of read/write: add to the fd's totals; the first of an open period is a record. */
+static __always_inline int io_exit(long ret, int is_write)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct zw_fd_key *key = pending_io.lookup(&tid);
+	if (!key)
+		return 0;
+	struct zw_fd_key k = *key;
+	pending_io.delete(&tid);
+	if (ret <= 0)
+		return 0;
+	struct zw_fd_state *st = fds.lookup(&k);
+	if (!st)
+		return 0;
+	u64 before = is_write ? st->bytes_written : st->bytes_read;
+	if (is_write)
+		__sync_fetch_and_add(&st->bytes_written, ret);
+	else
+		__sync_fetch_and_add(&st->bytes_read, ret);
+	if (before != 0)
+		return 0;
+	struct zw_file_event *e = fresh_record(st->zone_key, is_write ? ZW_FILE_WRITE : ZW_FILE_READ);
+	if (!e)
+		return 0;
+	e->dirfd = k.fd;
+	e->ret = ret;
+	if (events.ringbuf_output(e, sizeof(*e), 0) != 0)
+		count_lost(ZW_LOST_RINGBUF);
+	return 0;
+}
+
+/* close(): a tracked fd that saw I/O reports its totals; every tracked fd is forgotten. */
+static __always_inline int close_enter(int fd)
+{
+	u32 *zone = zone_of_current();
+	if (!zone)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	struct zw_fd_key key = {.pid = id >> 32, .fd = fd};
+	struct zw_fd_state *st = fds.lookup(&key);
+	if (!st)
+		return 0;
+	if (st->bytes_read || st->bytes_written) {
+		struct zw_file_event *e = fresh_record(st->zone_key, ZW_FILE_CLOSE);
+		if (e) {
+			e->dirfd = fd;
+			e->bytes_read = st->bytes_read;
+			e->bytes_written = st->bytes_written;
+			if (events.ringbuf_output(e, sizeof(*e), 0) != 0)
+				count_lost(ZW_LOST_RINGBUF);
+		}
+	}
+	fds.delete(&key);
+	return 0;
+}
+
+/* A reused pid must never inherit a dead zone: forget the process the moment it exits. */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32;
+	if ((u32)id == tgid)
+		zone_pids.delete(&tgid);
+	return 0;
+}
+
+#define EXIT_PROBE(name) \
+	TRACEPOINT_PROBE(syscalls, sys_exit_##name) { return path_exit(args->ret); }
+
+/* ---- opens ---- */
+#ifdef ZW_TP_openat
+TRACEPOINT_PROBE(syscalls, sys_enter_openat)
+{
+	return path_enter(ZW_FILE_OPEN, args->dfd, args->filename, -1, 0, args->flags, args->mode);
+}
+EXIT_PROBE(openat)
+#endif
+#ifdef ZW_TP_openat2
+TRACEPOINT_PROBE(syscalls, sys_enter_openat2)
+{
+	struct open_how how = {};
+	bpf_probe_read_user(&how, sizeof(how), args->how);
+	return path_enter(ZW_FILE_OPEN, args->dfd, args->filename, -1, 0, how.flags, how.mode);
+}
+EXIT_PROBE(openat2)
+#endif
+#ifdef ZW_TP_open
+TRACEPOINT_PROBE(syscalls, sys_enter_open)
+{
+	return path_enter(ZW_FILE_OPEN, AT_FDCWD, args->filename, -1, 0, args->flags, args->mode);
+}
+EXIT_PROBE(open)
+#endif
+#ifdef ZW_TP_creat
+TRACEPOINT_PROBE(syscalls, sys_enter_creat)
+{
+	return path_enter(ZW_FILE_OPEN, AT_FDCWD, args->pathname, -1, 0,
+			  O_CREAT | O_WRONLY | O_TRUNC, args->mode);
+}
+EXIT_PROBE(creat)
+#endif
+
+/* ---- namespace changes ---- */
+#ifdef ZW_TP_mkdirat
+TRACEPOINT_PROBE(syscalls, sys_enter_mkdirat)
+{
+	return path_enter(ZW_FILE_MKDIR, args->dfd, args->pathname, -1, 0, 0, args->mode);
+}
+EXIT_PROBE(mkdirat)
+#endif
+#ifdef ZW_TP_mkdir
+TRACEPOINT_PROBE(syscalls, sys_enter_mkdir)
+{
+	return path_enter(ZW_FILE_MKDIR, AT_FDCWD, args->pathname, -1, 0, 0, args->mode);
+}
+EXIT_PROBE(mkdir)
+#endif
+#ifdef ZW_TP_mknodat
+TRACEPOINT_PROBE(syscalls, sys_enter_mknodat)
+{
+	return path_enter(ZW_FILE_MKNOD, args->dfd, args->filename, -1, 0, args->dev, args->mode);
+}
+EXIT_PROBE(mknodat)
+#endif
+#ifdef ZW_TP_unlinkat
+TRACEPOINT_PROBE(syscalls, sys_enter_unlinkat)
+{
+	return path_enter(ZW_FILE_UNLINK, args->dfd, args->pathname, -1, 0, args->flag, 0);
+}
+EXIT_PROBE(unlinkat)
+#endif
+#ifdef ZW_TP_unlink
+TRACEPOINT_PROBE(syscalls, sys_enter_unlink)
+{
+	return path_enter(ZW_FILE_UNLINK, AT_FDCWD, args->pathname, -1, 0, 0, 0);
+}
+EXIT_PROBE(unlink)
+#endif
+#ifdef ZW_TP_rmdir
+TRACEPOINT_PROBE(syscalls, sys_enter_rmdir)
+{
+	return path_enter(ZW_FILE_RMDIR, AT_FDCWD, args->pathname, -1, 0, 0, 0);
+}
+EXIT_PROBE(rmdir)
+#endif
+#ifdef ZW_TP_renameat2
+TRACEPOINT_PROBE(syscalls, sys_enter_renameat2)
+{
+	return path_enter(ZW_FILE_RENAME, args->olddfd, args->oldname, args->newdfd,
+			  args->newname, args->flags, 0);
+}
+EXIT_PROBE(renameat2)
+#endif
+#ifdef ZW_TP_renameat
+TRACEPOINT_PROBE(syscalls, sys_enter_renameat)
+{
+	return path_enter(ZW_FILE_RENAME, args->olddfd, args->oldname, args->newdfd,
+			  args->newname, 0, 0);
+}
+EXIT_PROBE(renameat)
+#endif
+#ifdef ZW_TP_rename
+TRACEPOINT_PROBE(syscalls, sys_enter_rename)
+{
+	return path_enter(ZW_FILE_RENAME, AT_FDCWD, args->oldname, AT_FDCWD, args->newname, 0, 0);
+}
+EXIT_PROBE(rename)
+#endif
+#ifdef ZW_TP_linkat
+TRACEPOINT_PROBE(syscalls, sys_enter_linkat)
+{
+	return path_enter(ZW_FILE_LINK, args->olddfd, args->oldname, args->newdfd,
+			  args->newname, args->flags, 0);
+}
+EXIT_PROBE(linkat)
+#endif
+#ifdef ZW_TP_symlinkat
+TRACEPOINT_PROBE(syscalls, sys_enter_symlinkat)
+{
+	/* The target is text, not a path resolved against a dirfd. */
+	return path_enter(ZW_FILE_SYMLINK, -1, args->oldname, args->newdfd, args->newname, 0, 0);
+}
+EXIT_PROBE(symlinkat)
+#endif
+
+/* ---- attributes ---- */
+#ifdef ZW_TP_fchmodat
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmodat)
+{
+	return path_enter(ZW_FILE_CHMOD, args->dfd, args->filename, -1, 0, 0, args->mode);
+}
+EXIT_PROBE(fchmodat)
+#endif
+#ifdef ZW_TP_fchmodat2
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmodat2)
+{
+	return path_enter(ZW_FILE_CHMOD, args->dfd, args->filename, -1, 0, args->flags,
+			  args->mode);
+}
+EXIT_PROBE(fchmodat2)
+#endif
+#ifdef ZW_TP_fchmod
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmod)
+{
+	return fd_op_enter(ZW_FILE_CHMOD, args->fd, 0, args->mode);
+}
+EXIT_PROBE(fchmod)
+#endif
+#ifdef ZW_TP_fchownat
+TRACEPOINT_PROBE(syscalls, sys_enter_fchownat)
+{
+	return path_enter(ZW_FILE_CHOWN, args->dfd, args->filename, -1, 0,
+			  ((u64)args->user << 32) | (u32)args->group, 0);
+}
+EXIT_PROBE(fchownat)
+#endif
+#ifdef ZW_TP_fchown
+TRACEPOINT_PROBE(syscalls, sys_enter_fchown)
+{
+	return path_enter(ZW_FILE_CHOWN, args->fd, 0, -1, 0,
+			  ((u64)args->user << 32) | (u32)args->group, 0);
+}
+EXIT_PROBE(fchown)
+#endif
+#ifdef ZW_TP_truncate
+TRACEPOINT_PROBE(syscalls, sys_enter_truncate)
+{
+	return path_enter(ZW_FILE_TRUNCATE, AT_FDCWD, args->path, -1, 0, args->length, 0);
+}
+EXIT_PROBE(truncate)
+#endif
+#ifdef ZW_TP_ftruncate
+TRACEPOINT_PROBE(syscalls, sys_enter_ftruncate)
+{
+	return path_enter(ZW_FILE_TRUNCATE, args->fd, 0, -1, 0, args->length, 0);
+}
+EXIT_PROBE(ftruncate)
+#endif
+/* QEMU's 9p "mapped" security models keep guest mode and owner in user.virtfs.* xattrs. */
+#ifdef ZW_TP_lsetxattr
+TRACEPOINT_PROBE(syscalls, sys_enter_lsetxattr)
+{
+	return path_enter(ZW_FILE_SETXATTR, AT_FDCWD, args->pathname, -1, args->name,
+			  args->flags, 0);
+}
+EXIT_PROBE(lsetxattr)
+#endif
+#ifdef ZW_TP_setxattr
+TRACEPOINT_PROBE(syscalls, sys_enter_setxattr)
+{
+	return path_enter(ZW_FILE_SETXATTR, AT_FDCWD, args->pathname, -1, args->name,
+			  args->flags, 0);
+}
+EXIT_PROBE(setxattr)
+#endif
+#ifdef ZW_TP_fsetxattr
+TRACEPOINT_PROBE(syscalls, sys_enter_fsetxattr)
+{
+	return path_enter(ZW_FILE_SETXATTR, args->fd, 0, -1, args->name, args->flags, 0);
+}
+EXIT_PROBE(fsetxattr)
+#endif
+
+/* ---- data ---- */
+#define IO_PROBES(name, is_write) \
+	TRACEPOINT_PROBE(syscalls, sys_enter_##name) { return io_enter(args->fd); } \
+	TRACEPOINT_PROBE(syscalls, sys_exit_##name) { return io_exit(args->ret, is_write); }
+
+#ifdef ZW_TP_write
+IO_PROBES(write, 1)
+#endif
+#ifdef ZW_TP_pwrite64
+IO_PROBES(pwrite64, 1)
+#endif
+#ifdef ZW_TP_writev
+IO_PROBES(writev, 1)
+#endif
+#ifdef ZW_TP_pwritev
+IO_PROBES(pwritev, 1)
+#endif
+#ifdef ZW_TP_pwritev2
+IO_PROBES(pwritev2, 1)
+#endif
+#ifdef ZW_TP_read
+IO_PROBES(read, 0)
+#endif
+#ifdef ZW_TP_pread64
+IO_PROBES(pread64, 0)
+#endif
+#ifdef ZW_TP_readv
+IO_PROBES(readv, 0)
+#endif
+#ifdef ZW_TP_preadv
+IO_PROBES(preadv, 0)
+#endif
+#ifdef ZW_TP_preadv2
+IO_PROBES(preadv2, 0)
+#endif
+
+#ifdef ZW_TP_close
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+	return close_enter(args->fd);
+}
+#endif

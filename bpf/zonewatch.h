@@ -1,0 +1,230 @@
+/* zonewatch: the wire contract between the BPF programs and user space.
+ *
+ * Every record starts with struct zw_hdr; `type` says which struct follows. A record's
+ * layout never depends on build flags: unused fields are zero. The Python mirror lives in
+ * zonewatch/probes/records.py and tests/integration/test_records_layout.py checks it
+ * against this file as compiled.
+ */
+#ifndef ZONEWATCH_H
+#define ZONEWATCH_H
+
+#define ZW_COMM_LEN 16
+#define ZW_PATH_MAX 256
+
+/* Record types (zw_hdr.type). */
+enum zw_record_type {
+	ZW_REC_FILE = 1,
+	ZW_REC_KVM = 2,  /* struct zw_kvm_event (bpf/kvm.c) */
+};
+
+/* File operations (zw_file_event.op). */
+enum zw_file_op {
+	ZW_FILE_OPEN = 1,     /* openat/openat2/open/creat; fd in `ret` */
+	ZW_FILE_MKDIR = 2,
+	ZW_FILE_UNLINK = 3,   /* unlinkat with AT_REMOVEDIR in `flags` is an rmdir */
+	ZW_FILE_RMDIR = 4,
+	ZW_FILE_RENAME = 5,
+	ZW_FILE_LINK = 6,
+	ZW_FILE_SYMLINK = 7,  /* `path` is the link's target text, `path2` the new link */
+	ZW_FILE_CHMOD = 8,
+	ZW_FILE_CHOWN = 9,
+	ZW_FILE_TRUNCATE = 10,
+	ZW_FILE_SETXATTR = 11, /* `path2` holds the attribute name */
+	ZW_FILE_MKNOD = 12,
+	ZW_FILE_READ = 13,    /* first successful read of an open period */
+	ZW_FILE_WRITE = 14,   /* first successful write of an open period */
+	ZW_FILE_CLOSE = 15,   /* close of a tracked fd that saw I/O; totals in bytes_* */
+};
+
+/* Sources of loss (index into the `lost` per-CPU array). */
+enum zw_lost_source {
+	ZW_LOST_RINGBUF = 0,  /* ring buffer full: the record was dropped */
+	ZW_LOST_PENDING = 1,  /* no room to stash a syscall's arguments until its exit */
+	ZW_LOST_NSOURCES = 2,
+};
+
+struct zw_hdr {
+	__u16 type;
+	__u16 size;       /* bytes of the whole record */
+	__u32 zone_key;   /* the zone the kernel attributed the record to */
+	__u64 ts_ns;      /* CLOCK_MONOTONIC */
+	__u32 pid;        /* tgid */
+	__u32 tid;
+	char comm[ZW_COMM_LEN];
+};
+
+struct zw_file_event {
+	struct zw_hdr hdr;
+	__u32 op;
+	__s32 dirfd;      /* dirfd of `path` (AT_FDCWD = -100), or the fd for fd-based ops */
+	__s32 dirfd2;     /* dirfd of `path2` */
+	__u32 mode;
+	__s64 ret;        /* syscall return: fd for opens, bytes for read/write, -errno */
+	__u64 flags;      /* open flags, AT_* flags, RENAME_* flags */
+	__u64 bytes_read;
+	__u64 bytes_written;
+	char path[ZW_PATH_MAX];
+	char path2[ZW_PATH_MAX];
+};
+
+/* Key and value of the per-fd table that counts I/O in the kernel. */
+struct zw_fd_key {
+	__u32 pid;
+	__s32 fd;
+};
+
+struct zw_fd_state {
+	__u64 bytes_read;
+	__u64 bytes_written;
+	__u32 zone_key;
+	__u32 _pad;
+};
+
+/* ==== kvm and sched channels (bpf/kvm.c, bpf/sched.c) ====
+ *
+ * These channels count in kernel maps; user space reads the maps in batches. The key and
+ * value structs of those maps are part of the wire contract too, so they live here.
+ */
+
+/* Sources of loss of the counting channels (index into their `lost` per-CPU arrays). */
+enum zw_count_lost_source {
+	ZW_CLOST_RINGBUF = 0,      /* ring buffer full: a sampled record was dropped */
+	ZW_CLOST_MAP_FULL = 1,     /* a counter map was full: the increment was dropped */
+	ZW_CLOST_RATE_LIMITED = 2, /* over the zone's sample budget: counted, not sent */
+	ZW_CLOST_STATE_FULL = 3,   /* no room for a thread's timestamps: a latency was missed */
+	ZW_CLOST_NSOURCES = 4,
+};
+
+/* Sampled kvm records (zw_kvm_event.op): rare and telling, rate-limited per zone. */
+enum zw_kvm_op {
+	ZW_KVM_HYPERCALL = 1,     /* KVM hypercall: code = nr, args = a0..a3 */
+	ZW_KVM_HV_HYPERCALL = 2,  /* Hyper-V hypercall: code = call code, args = ingpa, outgpa,
+				     rep_cnt, var_cnt; flags ZW_KVM_F_FAST */
+	ZW_KVM_XEN_HYPERCALL = 3, /* Xen hypercall: code = nr, args = a0..a5 */
+	ZW_KVM_MSR_WRITE = 4,     /* guest WRMSR: code = MSR index, args[0] = value;
+				     flags ZW_KVM_F_FAULT when it raised #GP */
+};
+
+#define ZW_KVM_F_FAULT 1
+#define ZW_KVM_F_FAST 2
+
+/* Kinds of the kvm `counters` map (zw_kvm_ctr_key.kind); `code` says which one. */
+enum zw_kvm_counter {
+	ZW_KVM_CTR_HYPERCALL = 1,       /* code: hypercall nr */
+	ZW_KVM_CTR_MSR_READ = 2,        /* code: MSR index */
+	ZW_KVM_CTR_MSR_WRITE = 3,       /* code: MSR index */
+	ZW_KVM_CTR_MSR_READ_GP = 4,     /* code: MSR index; the access raised #GP */
+	ZW_KVM_CTR_MSR_WRITE_GP = 5,    /* code: MSR index; the access raised #GP */
+	ZW_KVM_CTR_EMULATE = 6,         /* code: 0 (kvm_emulate_insn, folded per thread) */
+	ZW_KVM_CTR_EMULATE_FAILED = 7,  /* code: 0 */
+	ZW_KVM_CTR_CPUID = 8,           /* code: CPUID leaf */
+	ZW_KVM_CTR_HV_HYPERCALL = 9,    /* code: Hyper-V call code */
+	ZW_KVM_CTR_XEN_HYPERCALL = 10,  /* code: Xen hypercall nr */
+};
+
+/* MMIO access kinds (zw_kvm_mmio_key.access): the kvm_mmio `type` values, plus fast MMIO. */
+enum zw_kvm_mmio_access {
+	ZW_KVM_MMIO_UNSATISFIED_READ = 0, /* a read that has to go to user space */
+	ZW_KVM_MMIO_READ = 1,
+	ZW_KVM_MMIO_WRITE = 2,
+	ZW_KVM_MMIO_FAST_WRITE = 3,       /* kvm_fast_mmio: an ioeventfd write, no user exit */
+};
+
+/* Log2 histogram kinds (zw_hist_key.kind). */
+enum zw_hist_kind {
+	ZW_HIST_KVM_EXIT = 1,       /* kvm_exit -> next kvm_entry of the vCPU thread, ns */
+	ZW_HIST_KVM_USERSPACE = 2,  /* kvm_userspace_exit -> the thread's next KVM_RUN, ns */
+	ZW_HIST_RUN_DELAY = 3,      /* vCPU thread runnable (woken/preempted) -> running, ns */
+};
+
+/* Kinds of the sched `totals` map (zw_sched_key.kind). */
+enum zw_sched_total {
+	ZW_SCHED_RUN_DELAY = 1,    /* count: waits, total: ns waited by vCPU threads */
+	ZW_SCHED_VCPU_ONCPU = 2,   /* count: slices, total: ns on CPU of vCPU threads */
+	ZW_SCHED_OTHER_ONCPU = 3,  /* count: slices, total: ns on CPU of the zone's other threads */
+};
+
+struct zw_kvm_event {
+	struct zw_hdr hdr;
+	__u32 op;         /* enum zw_kvm_op */
+	__u32 flags;      /* ZW_KVM_F_* */
+	__u64 code;       /* hypercall number / call code, or MSR index */
+	__u64 args[6];    /* see enum zw_kvm_op; unused ones are zero */
+};
+
+/* A count and a running total (bytes for I/O, ns for time). */
+struct zw_sum {
+	__u64 count;
+	__u64 total;
+};
+
+struct zw_kvm_exit_key {
+	__u32 zone_key;
+	__u32 vcpu_id;    /* KVM's vCPU index (kvm_exit's vcpu_id; 0 on kernels without it) */
+	__u32 reason;     /* exit_reason as the hardware gives it (VMX flags in the high bits) */
+	__u32 isa;        /* 1 = VMX, 2 = SVM (KVM_ISA_*) */
+};
+
+struct zw_kvm_uexit_key {
+	__u32 zone_key;
+	__u32 reason;     /* kvm_run.exit_reason: KVM_EXIT_* */
+	__u32 err;        /* 0, or the errno KVM_RUN failed with (EINTR for a signal) */
+	__u32 _pad;
+};
+
+struct zw_kvm_pio_key {
+	__u32 zone_key;
+	__u16 port;
+	__u8 dir;         /* 0 in, 1 out (KVM_PIO_IN/OUT) */
+	__u8 _pad;
+};
+
+struct zw_kvm_mmio_key {
+	__u32 zone_key;
+	__u32 access;     /* enum zw_kvm_mmio_access */
+	__u64 page;       /* guest-physical address & ~0xfff */
+};
+
+struct zw_kvm_ctr_key {
+	__u32 zone_key;
+	__u32 kind;       /* enum zw_kvm_counter */
+	__u64 code;
+};
+
+struct zw_hist_key {
+	__u32 zone_key;
+	__u16 kind;       /* enum zw_hist_kind */
+	__u16 slot;       /* 0: value 0; s >= 1: [2^(s-1), 2^s); capped at ZW_HIST_SLOTS - 1 */
+};
+
+struct zw_sched_key {
+	__u32 zone_key;
+	__u32 kind;       /* enum zw_sched_total */
+};
+
+/* Log2 histogram slots: the last one also holds everything larger (2^46 ns is ~20 h). */
+#define ZW_HIST_SLOTS 48
+
+/* Per vCPU thread state of bpf/kvm.c (tid -> state): timestamps, and the thread's share of
+ * the hottest counters, kept here so that each event costs one lookup. The thread's
+ * counts are folded into the per-zone maps (`counters`, `hist`) when it exits; until then
+ * user space adds them up from this map. */
+struct zw_vcpu_state {
+	__u64 exit_ts;    /* last kvm_exit not yet followed by kvm_entry; 0 when none */
+	__u64 uexit_ts;   /* last return to user space not yet followed by KVM_RUN; 0 when none */
+	__u32 zone_key;
+	__u32 _pad;
+	__u64 emulated;        /* kvm_emulate_insn */
+	__u64 emulate_failed;  /* kvm_emulate_insn that failed */
+	__u64 exit_lat[ZW_HIST_SLOTS];  /* kvm_exit -> kvm_entry, by log2 slot of ns */
+	__u64 user_lat[ZW_HIST_SLOTS];  /* kvm_userspace_exit -> next KVM_RUN, by slot */
+};
+
+/* Per vCPU thread run-queue stamp of bpf/sched.c (tid -> state). */
+struct zw_wait_state {
+	__u64 since_ns;   /* became runnable (woken, or preempted while runnable) */
+	__u32 zone_key;
+	__u32 _pad;
+};
+
+#endif /* ZONEWATCH_H */

@@ -1,0 +1,19 @@
+"""Markers follow the directory: tests/unit, tests/integration (live BPF), tests/e2e (zones)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = Path(item.path).relative_to(TESTS).parts[0]
+        if kind in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, kind))
+        if kind in ("integration", "e2e") and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason=f"{kind} tests need root"))

@@ -1,0 +1,102 @@
+"""The agent attaches once, detaches on SIGTERM, leaves nothing after kill -9, and counts
+every record the kernel had to drop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.standin import StandIn
+from zonewatch.probes.file import FileProbe
+from zonewatch.probes.records import FileOp
+
+
+def programs_of(pid: int) -> list[str]:
+    out = subprocess.run(
+        ["bpftool", "--json", "prog", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    return [
+        p.get("name", "")
+        for p in json.loads(out or "[]")
+        if any(owner["pid"] == pid for owner in p.get("pids", []))
+    ]
+
+
+def start_agent(*extra: str) -> subprocess.Popen[str]:
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "zonewatch", "-v", "run", *extra],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert agent.stderr is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = agent.stderr.readline()
+        if "attached" in line:
+            return agent
+        if not line and agent.poll() is not None:
+            break
+    agent.kill()
+    pytest.fail(f"agent did not attach (exit {agent.wait()})")
+
+
+def test_sigterm_detaches_and_exits_zero() -> None:
+    agent = start_agent()
+    try:
+        assert programs_of(agent.pid), "no BPF program attached by the agent"
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0
+    finally:
+        agent.kill()
+        agent.wait()
+    assert programs_of(agent.pid) == []
+
+
+def test_kill9_leaves_nothing_and_the_next_start_attaches() -> None:
+    agent = start_agent()
+    try:
+        assert programs_of(agent.pid)
+        agent.kill()
+        agent.wait(timeout=30)
+        assert programs_of(agent.pid) == []
+    finally:
+        agent.kill()
+        agent.wait()
+    again = start_agent("--duration", "1")
+    try:
+        assert again.wait(timeout=30) == 0
+    finally:
+        again.kill()
+        again.wait()
+
+
+def test_dropped_records_are_counted_exactly(tmp_path: Path) -> None:
+    probe = FileProbe(ringbuf_pages=1)  # one page holds about six records
+    probe.attach()
+    try:
+        with StandIn(tmp_path) as standin:
+            probe.set_zone_pids({standin.pid: 1})
+            files = 50
+            standin.do(*(f"create f{i} 10" for i in range(files)))
+            received = []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                batch = probe.poll(50)
+                received += batch
+                if not batch:
+                    break
+            probe.set_zone_pids({})
+        lost = probe.lost()
+    finally:
+        probe.detach()
+    # Each create is an open, a first write and a close: 3 records, each received or counted.
+    assert lost["file.ringbuf"] > 0
+    assert len(received) + lost["file.ringbuf"] == 3 * files
+    assert {r.op for r in received} <= {FileOp.OPEN, FileOp.WRITE, FileOp.CLOSE}

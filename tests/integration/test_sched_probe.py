@@ -1,0 +1,134 @@
+"""bpf/sched.c loaded for real: a CPU hog on a zone's vCPU core raises its run delay.
+
+One micro-VMM runs flat out with its vCPU thread pinned to one core. First an unloaded
+window, then the same window with a busy loop pinned to that core: the zone's run-delay
+p99 must rise clearly (the vCPU now waits for the hog's slices), and its vCPU CPU time
+must fall. Windows are measured on the VMM's own clock (its stats file), not slept.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zonewatch.lab import microvm as mv
+from zonewatch.lab.microvm import MicroVmProcess
+from zonewatch.model import Vmm, Zone
+from zonewatch.probes.sched import SchedProbe, SchedSnapshot, ZoneSched
+
+pytestmark = pytest.mark.skipif(
+    not os.access(mv.KVM_DEVICE, os.R_OK | os.W_OK) or len(os.sched_getaffinity(0)) < 2,
+    reason="needs read-write /dev/kvm and two CPUs",
+)
+
+ZONE = 61
+WINDOW_S = 2.0
+HOG = "while True:\n    pass\n"
+
+
+@pytest.fixture(scope="module")
+def probe() -> Iterator[SchedProbe]:
+    p = SchedProbe()
+    p.attach()
+    try:
+        yield p
+    finally:
+        p.detach()
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> Iterator[MicroVmProcess]:
+    proc = MicroVmProcess("sched", rate=0, pio_per_iter=1, mmio_per_iter=1,
+                          stats=tmp_path / "sched.json")  # fmt: skip
+    try:
+        yield proc.start()
+    finally:
+        proc.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until(cond: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.01)
+
+
+def window(probe: SchedProbe, vm: MicroVmProcess) -> tuple[ZoneSched, float]:
+    """The zone's scheduling over WINDOW_S seconds of the VMM's run, and its length."""
+    start = vm.wait_stats(lambda s: True, 10)
+    s0: SchedSnapshot = probe.collect()
+    end = vm.wait_stats(lambda s: s["elapsed_s"] >= start["elapsed_s"] + WINDOW_S, 30)
+    s1 = probe.collect()
+    return s1.since(s0).zone(ZONE), end["elapsed_s"] - start["elapsed_s"]
+
+
+def describe(name: str, z: ZoneSched, seconds: float) -> str:
+    p50, p99 = z.run_delay_p50_ns(), z.run_delay_p99_ns()
+    return (
+        f"{name}: {z.run_delay.count} waits, p50 {p50 or 0:.0f} ns, p99 {p99 or 0:.0f} ns, "
+        f"vCPU on CPU {z.vcpu_oncpu.ns / 1e9 / seconds:.0%}"
+    )
+
+
+def test_a_hog_on_the_vcpu_core_raises_run_delay(probe: SchedProbe, vm: MicroVmProcess) -> None:
+    stats: dict[str, Any] = vm.wait_stats(lambda s: s["vcpu_tid"] and s["iterations"] > 0, 20)
+    tid = stats["vcpu_tid"]
+    mine = os.sched_getaffinity(0)
+    core = max(mine)
+    others = mine - {core}
+    try:
+        # The vCPU thread alone on `core`; the VMM's other threads and this test elsewhere.
+        for task in Path(f"/proc/{vm.pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), {core} if int(task.name) == tid else others)
+        os.sched_setaffinity(0, others)
+        zone = Zone(id="s", key=ZONE, name="sched", tenant="t", vmm=Vmm.MICROVM, pid=vm.pid,
+                    start_time=0, vcpu_tids=(tid,))  # fmt: skip
+        probe.set_zones([zone])
+        quiet, quiet_s = window(probe, vm)
+        hog = subprocess.Popen([sys.executable, "-c", HOG])
+        try:
+            os.sched_setaffinity(hog.pid, {core})
+            # The hog is really running before the loaded window starts.
+            wait_until(lambda: cpu_seconds(hog.pid) >= 0.2, timeout=10)
+            loaded, loaded_s = window(probe, vm)
+        finally:
+            hog.kill()
+            hog.wait()
+    finally:
+        probe.set_zones([])
+        os.sched_setaffinity(0, mine)
+
+    report = describe("unloaded", quiet, quiet_s) + "; " + describe("loaded", loaded, loaded_s)
+    print(report)
+    loaded_p99 = loaded.run_delay_p99_ns()
+    quiet_p99 = quiet.run_delay_p99_ns() or 0.0
+    assert loaded_p99 is not None, report
+    assert loaded.run_delay.count >= 50, report  # the hog preempted the vCPU again and again
+    assert loaded_p99 >= 1_000_000, report  # waits of a scheduler slice: milliseconds
+    assert loaded_p99 >= 2 * quiet_p99, report
+    # The hog took about half of the core from the vCPU.
+    assert loaded.vcpu_oncpu.ns / loaded_s < 0.75 * quiet.vcpu_oncpu.ns / quiet_s, report
+    # The counters add up: the histogram holds every wait the totals counted.
+    assert loaded.run_delay.count == loaded.run_delay_total.count
+
+
+def test_non_zone_threads_are_not_counted(probe: SchedProbe, vm: MicroVmProcess) -> None:
+    vm.wait_stats(lambda s: s["vcpu_tid"], 20)
+    probe.set_zones([])
+    before = probe.collect()
+    vm.wait_stats(lambda s: s["elapsed_s"] >= 1.0, 20)
+    assert probe.collect().since(before).zones == {}

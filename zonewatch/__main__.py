@@ -1,0 +1,3 @@
+from zonewatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""The agent: inventory, probes, attribution and sinks in one loop.
+
+The loop polls the probes' ring buffers briefly, rescans the inventory every
+`scan_interval` (the kernel filter follows within a second), and reports loss each second.
+Probes are attached once and detached on stop; nothing is pinned, so a killed agent leaves
+no program attached once its file descriptors close.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from zonewatch.exporters.base import JsonRecord, Sink
+from zonewatch.inventory import Inventory
+from zonewatch.model import Lost
+from zonewatch.pipeline import Attribution
+from zonewatch.probes.base import Probe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AgentOptions:
+    emit_events: bool = False
+    duration: float | None = None
+    scan_interval: float = 0.5
+    poll_ms: int = 100
+    loss_interval: float = 1.0
+
+
+@dataclass(slots=True)
+class AgentCounters:
+    events: int = 0
+    lost_reported: dict[str, int] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(
+        self,
+        inventory: Inventory,
+        probes: Sequence[Probe],
+        sinks: Sequence[Sink],
+        options: AgentOptions | None = None,
+        on_attached: Callable[[], None] | None = None,
+    ) -> None:
+        self.inventory = inventory
+        self.probes = list(probes)
+        self.sinks = list(sinks)
+        self.options = options or AgentOptions()
+        self.attribution = Attribution(inventory.by_key)
+        self.counters = AgentCounters()
+        self._on_attached = on_attached
+
+    def run(self, stop: threading.Event) -> None:
+        self.inventory.refresh()
+        attached: list[Probe] = []
+        try:
+            for probe in self.probes:
+                probe.attach()
+                attached.append(probe)
+                probe.set_zones(list(self.inventory.zones.values()))
+            log.info(
+                "attached %s; watching %d zone(s)",
+                ", ".join(p.name for p in attached),
+                len(self.inventory.zones),
+            )
+            if self._on_attached:
+                self._on_attached()
+            self._loop(stop)
+        finally:
+            self._report_loss()
+            for probe in reversed(attached):
+                probe.detach()
+            for sink in self.sinks:
+                sink.shutdown()
+
+    def _loop(self, stop: threading.Event) -> None:
+        opts = self.options
+        started = time.monotonic()
+        next_scan = started + opts.scan_interval
+        next_loss = started + opts.loss_interval
+        while not stop.is_set():
+            now = time.monotonic()
+            if opts.duration is not None and now - started >= opts.duration:
+                break
+            if now >= next_scan:
+                self._rescan()
+                next_scan = now + opts.scan_interval
+            for probe in self.probes:
+                events = self.attribution.process(probe.poll(opts.poll_ms))
+                self.counters.events += len(events)
+                if opts.emit_events:
+                    self._export(events)
+            if now >= next_loss:
+                self._report_loss()
+                next_loss = now + opts.loss_interval
+
+    def _rescan(self) -> None:
+        change = self.inventory.refresh()
+        if not change:
+            return
+        zones = list(self.inventory.zones.values())
+        for probe in self.probes:
+            probe.set_zones(zones)
+        for zone in change.added:
+            log.info(
+                "zone up: %s (%s, tenant %s, pid %d)", zone.name, zone.vmm, zone.tenant, zone.pid
+            )
+        for zone in change.removed:
+            log.info("zone gone: %s (pid %d)", zone.name, zone.pid)
+            for pid in zone.pids:
+                self.attribution.files.fds.forget_pid(pid)
+
+    def _report_loss(self) -> None:
+        """Emit a `lost` line for every source whose count grew since the last report."""
+        lines: list[JsonRecord] = []
+        now = time.time_ns()
+        for probe in self.probes:
+            for source, total in probe.lost().items():
+                previous = self.counters.lost_reported.get(source, 0)
+                if total > previous:
+                    lines.append(Lost(now, source, total - previous))
+                    self.counters.lost_reported[source] = total
+        self._export(lines)
+
+    def _export(self, records: Sequence[JsonRecord]) -> None:
+        if not records:
+            return
+        for sink in self.sinks:
+            sink.export(records)

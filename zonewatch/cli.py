@@ -1,0 +1,196 @@
+"""The command line (shared/design.md). Every failure is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import orjson
+
+from zonewatch import __version__
+from zonewatch.errors import ConfigError, ZonewatchError
+from zonewatch.inventory import Inventory
+from zonewatch.inventory.tenants import TenantMap, load_tenants
+
+log = logging.getLogger("zonewatch")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line, naming the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _share_mount(value: str) -> tuple[str, str]:
+    tag, sep, path = value.partition("=")
+    if not sep or not tag or not path.startswith("/"):
+        raise argparse.ArgumentTypeError(f"expected TAG=/guest/path, got {value!r}")
+    return tag, path
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
+    return number
+
+
+def _add_inventory_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tenants", metavar="FILE", help="tenants file (YAML): zone globs/labels -> tenant"
+    )
+    p.add_argument(
+        "--share-mount",
+        metavar="TAG=PATH",
+        type=_share_mount,
+        action="append",
+        default=[],
+        help="where guests mount the share TAG (default: its root is /)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="zonewatch", description="Watch VM-isolated workloads from the host."
+    )
+    parser.add_argument("--version", action="version", version=f"zonewatch {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    run = sub.add_parser("run", help="run the agent")
+    _add_inventory_options(run)
+    run.add_argument("--jsonl", metavar="FILE|-", help="write JSON lines (alerts, lost, events)")
+    run.add_argument("--events", action="store_true", help="also emit every raw event")
+    run.add_argument("--duration", metavar="S", type=_positive_float, help="stop after S seconds")
+
+    zones = sub.add_parser("zones", help="the zones on this host now")
+    _add_inventory_options(zones)
+    zones.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    lab = sub.add_parser("lab", help="real zones for demos and tests")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=OneLineParser)
+    up = lab_sub.add_parser("up", help="boot lab zones (detached)")
+    up.add_argument("--zones", type=int, default=2, metavar="N", help="how many zones (default 2)")
+    up.add_argument("--workload", metavar="FILE", help="busybox sh script each zone runs")
+    lab_sub.add_parser("down", help="stop every lab zone and remove what they left")
+    lab_sub.add_parser("status", help="the lab's zones")
+    lab_run = lab_sub.add_parser("run", help="boot one zone, run a workload, show its console")
+    lab_run.add_argument("workload", metavar="FILE", help="busybox sh script")
+    lab_run.add_argument("--name", default="zone-run")
+    lab_run.add_argument("--tenant", default="default")
+    lab_run.add_argument("--timeout", type=_positive_float, default=120.0)
+
+    sub.add_parser("doctor", help="preflight: what will and won't attach here, and why")
+    return parser
+
+
+def _tenants(args: argparse.Namespace) -> TenantMap:
+    return load_tenants(args.tenants) if args.tenants else TenantMap.empty()
+
+
+def _inventory(args: argparse.Namespace) -> Inventory:
+    return Inventory(_tenants(args), dict(args.share_mount))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from zonewatch.agent import Agent, AgentOptions
+    from zonewatch.exporters.jsonl import JsonlSink
+    from zonewatch.probes.file import FileProbe
+
+    inventory = _inventory(args)
+    sinks = [JsonlSink(args.jsonl)] if args.jsonl else []
+    agent = Agent(
+        inventory,
+        [FileProbe()],
+        sinks,
+        AgentOptions(emit_events=args.events, duration=args.duration),
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    agent.run(stop)
+    return 0
+
+
+def cmd_zones(args: argparse.Namespace) -> int:
+    inventory = _inventory(args)
+    inventory.refresh()
+    zones = sorted(inventory.zones.values(), key=lambda z: (z.tenant, z.name))
+    if args.json:
+        sys.stdout.buffer.write(
+            orjson.dumps([z.to_json() for z in zones], option=orjson.OPT_INDENT_2)
+        )
+        sys.stdout.write("\n")
+        return 0
+    print(f"{'NAME':<20} {'TENANT':<12} {'VMM':<12} {'PID':>7} {'VCPUS':>5} TAPS")
+    for z in zones:
+        print(
+            f"{z.name[:20]:<20} {z.tenant[:12]:<12} {z.vmm[:12]:<12} {z.pid:>7} "
+            f"{len(z.vcpu_tids):>5} {','.join(z.taps)[:18]}"
+        )
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from zonewatch.lab import cli as lab_cli
+
+    return lab_cli.main(args)
+
+
+def cmd_doctor(_args: argparse.Namespace) -> int:
+    from zonewatch.doctor import run_doctor
+
+    return run_doctor()
+
+
+COMMANDS = {"run": cmd_run, "zones": cmd_zones, "lab": cmd_lab, "doctor": cmd_doctor}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = " ".join(
+            str(part) for part in (args.command, getattr(args, "lab_command", None)) if part
+        )
+        parser.exit(
+            2,
+            f"zonewatch {command}: error: unrecognized arguments: {' '.join(unknown)} "
+            f"(see zonewatch {command} --help)\n",
+        )
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="zonewatch: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except ZonewatchError as exc:
+        print(f"zonewatch {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except FileNotFoundError as exc:
+        print(
+            f"zonewatch {args.command}: {ConfigError(str(exc.filename), 'no such file')}",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

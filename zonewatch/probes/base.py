@@ -1,0 +1,67 @@
+"""What every live probe offers the agent: attach, follow the zone filter, poll, count loss."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from zonewatch.model import Zone
+from zonewatch.probes.records import DecodeErrors, Record, decode
+
+
+class Probe(Protocol):
+    name: str
+
+    def attach(self) -> None: ...
+    def set_zones(self, zones: Sequence[Zone]) -> None:
+        """Make the kernel filter match these zones (called on every inventory change)."""
+
+    def poll(self, timeout_ms: int) -> list[Record]: ...
+    def lost(self) -> dict[str, int]: ...
+    def detach(self) -> None: ...
+
+
+class ZonePidFilter:
+    """Keeps a BPF hash of id (tgid or tid) -> zone key equal to the inventory's view, by diff."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+        self._current: dict[int, int] = {}
+
+    def sync(self, pids: Mapping[int, int]) -> None:
+        for pid in self._current.keys() - pids.keys():
+            # The kernel may have dropped it already, when the process exited.
+            with contextlib.suppress(KeyError):
+                del self._table[self._table.Key(pid)]
+        for pid, key in pids.items():
+            if self._current.get(pid) != key:
+                self._table[self._table.Key(pid)] = self._table.Leaf(key)
+        self._current = dict(pids)
+
+
+class RingBufferReader:
+    """Drains one BPF ring buffer into decoded records; undecodable ones are counted."""
+
+    def __init__(self, bpf: Any, table_name: str) -> None:
+        self._bpf = bpf
+        self._batch: list[Record] = []
+        self.errors = DecodeErrors()
+        bpf[table_name.encode()].open_ring_buffer(self._on_record)
+
+    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
+        record = decode(ctypes.string_at(data, size), self.errors)
+        if record is not None:
+            self._batch.append(record)
+        return 0
+
+    def poll(self, timeout_ms: int) -> list[Record]:
+        self._bpf.ring_buffer_poll(timeout_ms)
+        batch, self._batch = self._batch, []
+        return batch
+
+
+def sum_percpu(table: Any, index: int) -> int:
+    """The total of one slot of a BPF per-CPU array."""
+    return int(sum(table[ctypes.c_int(index)]))

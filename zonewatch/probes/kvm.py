@@ -1,0 +1,233 @@
+"""The kvm channel's probe: bpf/kvm.c on the kvm:* tracepoints, filtered by zone thread.
+
+Counts live in kernel maps; collect() reads them in batches into a cumulative KvmSnapshot
+(kvm_stats). poll() returns the few sampled records (hypercalls, MSR writes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from zonewatch.model import Zone, vcpu_tids, zone_pids
+from zonewatch.probes.base import ZonePidFilter, sum_percpu
+from zonewatch.probes.kvm_stats import (
+    ExitKey,
+    IoCount,
+    KvmSnapshot,
+    KvmSnapshotBuilder,
+    MmioKey,
+    PioKey,
+    UserspaceExitKey,
+    ZoneKvm,
+)
+from zonewatch.probes.loader import load_program, tracepoint_defines, tracepoint_fields
+from zonewatch.probes.maps import MapReader, RecordRingReader
+from zonewatch.probes.records import (
+    KVM_DECODERS,
+    CountLostSource,
+    DecodeErrors,
+    HistKind,
+    KvmCounter,
+    KvmRecord,
+    decode_with,
+)
+
+# The snapshot types are part of this probe's API: importable from here.
+__all__ = [
+    "KVM_TRACEPOINTS",
+    "ExitKey",
+    "IoCount",
+    "KvmProbe",
+    "KvmSnapshot",
+    "MmioKey",
+    "PioKey",
+    "UserspaceExitKey",
+    "ZoneKvm",
+]
+
+log = logging.getLogger(__name__)
+
+# The kvm tracepoints bpf/kvm.c hooks (each behind -DZW_TP_<name>).
+KVM_TRACEPOINTS = (
+    "kvm_exit", "kvm_entry", "kvm_userspace_exit", "kvm_fpu",
+    "kvm_pio", "kvm_mmio", "kvm_fast_mmio",
+    "kvm_emulate_insn", "kvm_cpuid", "kvm_msr",
+    "kvm_hypercall", "kvm_hv_hypercall", "kvm_xen_hypercall",
+)  # fmt: skip
+
+# The per-zone counter maps collect() reads.
+COUNTER_MAPS = ("exits", "uexits", "pio", "mmio", "counters", "hist")
+
+# Tracepoints attached raw when their format is exactly this (so TP_PROTO is the one
+# bpf/kvm.c reads its arguments from): the hottest ones on hosts that emulate guests.
+RAW_FORMATS: dict[str, set[str]] = {
+    "kvm_fpu": {"load"},
+    "kvm_emulate_insn": {"rip", "csbase", "len", "insn", "flags", "failed"},
+}
+
+
+def _zone_key(key: Any, value: Any) -> int:
+    """The zone of a map entry: in the key of counter maps, in the value of `vcpus`."""
+    holder = key if hasattr(key, "zone_key") else value
+    return int(holder.zone_key)
+
+
+def _decode_kvm(data: bytes, errors: DecodeErrors) -> KvmRecord | None:
+    return decode_with(KVM_DECODERS, data, errors)
+
+
+class KvmProbe:
+    """Loads bpf/kvm.c; counts per zone in kernel maps, samples hypercalls and MSR writes."""
+
+    name = "kvm"
+
+    def __init__(
+        self,
+        *,
+        ringbuf_pages: int = 64,
+        samples_per_sec: int = 64,
+        max_counters: int = 16384,
+        max_vcpu_threads: int = 8192,
+        tracepoints: Sequence[str] = KVM_TRACEPOINTS,
+    ) -> None:
+        self._ringbuf_pages = ringbuf_pages
+        self._samples_per_sec = samples_per_sec
+        self._max_counters = max_counters
+        self._max_vcpu_threads = max_vcpu_threads
+        self._tracepoints = tuple(tracepoints)
+        self._bpf: Any = None
+        self._pids: ZonePidFilter | None = None
+        self._tids: ZonePidFilter | None = None
+        self._reader: RecordRingReader[KvmRecord] | None = None
+        self._maps = MapReader()
+        self._zone_keys: set[int] = set()
+        self._retired: set[int] = set()  # zones gone since the last collect()
+        self.attached: list[str] = []
+        self.missing: list[str] = []
+        self.raw: list[str] = []  # tracepoints attached raw (see bpf/kvm.c)
+
+    def attach(self) -> None:
+        cflags, self.missing = tracepoint_defines("kvm", self._tracepoints)
+        self.attached = [tp for tp in self._tracepoints if tp not in self.missing]
+        if self.missing:
+            log.info("kvm probe: no tracepoint for %s; not watched", ", ".join(self.missing))
+        if "vcpu_id" in tracepoint_fields("kvm", "kvm_exit"):
+            cflags.append("-DZW_KVM_EXIT_VCPU_ID=1")  # older kernels (4.x) lack it
+        self.raw = [
+            tp
+            for tp, fields in RAW_FORMATS.items()
+            if tp in self.attached and tracepoint_fields("kvm", tp) == fields
+        ]
+        cflags += [f"-DZW_RAW_{tp}=1" for tp in self.raw]
+        cflags += [
+            f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}",
+            f"-DZW_KVM_SAMPLES_PER_SEC={self._samples_per_sec}",
+            f"-DZW_MAX_COUNTERS={self._max_counters}",
+            f"-DZW_MAX_VCPU_THREADS={self._max_vcpu_threads}",
+        ]
+        self._bpf = load_program("kvm.c", cflags)
+        self._pids = ZonePidFilter(self._bpf[b"zone_pids"])
+        self._tids = ZonePidFilter(self._bpf[b"zone_tids"])
+        self._reader = RecordRingReader(self._bpf, "events", _decode_kvm)
+
+    @property
+    def bpf(self) -> Any:
+        return self._bpf
+
+    def set_zones(self, zones: Sequence[Zone]) -> None:
+        """Attribute by vCPU tid first, then by VMM tgid (vCPU threads not yet inventoried)."""
+        assert self._pids is not None, "attach() first"
+        assert self._tids is not None
+        self._pids.sync(zone_pids(zones))
+        self._tids.sync(vcpu_tids(zones))
+        keys = {z.key for z in zones}
+        # Gone zones' entries (and their threads' state) are read one last time by the next
+        # collect(), then deleted.
+        self._retired |= self._zone_keys - keys
+        self._retired -= keys
+        self._zone_keys = keys
+
+    def poll(self, timeout_ms: int) -> list[KvmRecord]:
+        assert self._reader is not None, "attach() first"
+        return self._reader.poll(timeout_ms)
+
+    def collect(self) -> KvmSnapshot:
+        """Every zone's cumulative counters, read from the kernel maps in batches.
+
+        The per-zone maps hold what exited threads folded into them; live vCPU threads'
+        shares (emulated instructions, latency slots) are added from their state. The maps
+        are read before the states, so a thread exiting in between is missed once and
+        counted by the next call: the counts never go backwards.
+
+        Zones that left the inventory since the last call appear one last time, then their
+        entries are deleted so the maps only hold live zones.
+        """
+        assert self._bpf is not None, "attach() first"
+        bpf = self._bpf
+        b = KvmSnapshotBuilder()
+        ts = time.monotonic_ns()
+        retired = self._retired
+        self._retired = set()
+        stale: dict[str, list[Any]] = {name: [] for name in (*COUNTER_MAPS, "vcpus")}
+
+        def read(name: str) -> list[tuple[Any, Any]]:
+            items = self._maps.items(bpf[name.encode()])
+            if retired:
+                stale[name] += [k for k, v in items if _zone_key(k, v) in retired]
+            return items
+
+        for k, v in read("exits"):
+            b.exit(k.zone_key, k.vcpu_id, k.isa, k.reason, int(v))
+        for k, v in read("uexits"):
+            b.userspace_exit(k.zone_key, k.reason, k.err, int(v))
+        for k, v in read("pio"):
+            b.pio(k.zone_key, k.port, k.dir, v.count, v.total)
+        for k, v in read("mmio"):
+            b.mmio(k.zone_key, k.page, k.access, v.count, v.total)
+        for k, v in read("counters"):
+            b.counter(k.zone_key, k.kind, k.code, int(v))
+        for k, v in read("hist"):
+            b.latency(k.zone_key, k.kind, k.slot, int(v))
+        for _tid, st in read("vcpus"):
+            zone = st.zone_key
+            if st.emulated:
+                b.counter(zone, KvmCounter.EMULATE, 0, st.emulated)
+            if st.emulate_failed:
+                b.counter(zone, KvmCounter.EMULATE_FAILED, 0, st.emulate_failed)
+            for slot, n in enumerate(st.exit_lat):
+                if n:
+                    b.latency(zone, HistKind.KVM_EXIT, slot, n)
+            for slot, n in enumerate(st.user_lat):
+                if n:
+                    b.latency(zone, HistKind.KVM_USERSPACE, slot, n)
+        for name, keys in stale.items():
+            if keys:
+                self._maps.delete(bpf[name.encode()], keys)
+        return b.build(ts)
+
+    def lost(self) -> dict[str, int]:
+        """Cumulative losses by source. `kvm.rate_limited` are samples over the per-zone
+        budget: still counted in the maps, just not sent as records."""
+        if self._bpf is None or self._reader is None:
+            return {}
+        table = self._bpf[b"lost"]
+        return {
+            "kvm.ringbuf": sum_percpu(table, CountLostSource.RINGBUF),
+            "kvm.map_full": sum_percpu(table, CountLostSource.MAP_FULL),
+            "kvm.rate_limited": sum_percpu(table, CountLostSource.RATE_LIMITED),
+            "kvm.state_full": sum_percpu(table, CountLostSource.STATE_FULL),
+            "kvm.decode": self._reader.errors.total,
+        }
+
+    def detach(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+            self._pids = None
+            self._tids = None
+            self._reader = None
+            self._zone_keys = set()
+            self._retired = set()

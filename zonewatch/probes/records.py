@@ -1,0 +1,428 @@
+"""The Python mirror of bpf/zonewatch.h: record layouts, op codes and the decoder registry.
+
+This is the one place the C structs are mirrored; tests/integration/test_records_layout.py
+checks sizes and offsets against bcc's view of the compiled program.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+ZW_COMM_LEN = 16
+ZW_PATH_MAX = 256
+
+
+class RecordType(enum.IntEnum):
+    FILE = 1
+    KVM = 2
+
+
+class FileOp(enum.IntEnum):
+    OPEN = 1
+    MKDIR = 2
+    UNLINK = 3
+    RMDIR = 4
+    RENAME = 5
+    LINK = 6
+    SYMLINK = 7
+    CHMOD = 8
+    CHOWN = 9
+    TRUNCATE = 10
+    SETXATTR = 11
+    MKNOD = 12
+    READ = 13
+    WRITE = 14
+    CLOSE = 15
+
+
+class LostSource(enum.IntEnum):
+    RINGBUF = 0
+    PENDING = 1
+
+
+class ZwHdr(ctypes.Structure):
+    _fields_ = (
+        ("type", ctypes.c_uint16),
+        ("size", ctypes.c_uint16),
+        ("zone_key", ctypes.c_uint32),
+        ("ts_ns", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("comm", ctypes.c_char * ZW_COMM_LEN),
+    )
+
+
+class ZwFileEvent(ctypes.Structure):
+    _fields_ = (
+        ("hdr", ZwHdr),
+        ("op", ctypes.c_uint32),
+        ("dirfd", ctypes.c_int32),
+        ("dirfd2", ctypes.c_int32),
+        ("mode", ctypes.c_uint32),
+        ("ret", ctypes.c_int64),
+        ("flags", ctypes.c_uint64),
+        ("bytes_read", ctypes.c_uint64),
+        ("bytes_written", ctypes.c_uint64),
+        ("path", ctypes.c_char * ZW_PATH_MAX),
+        ("path2", ctypes.c_char * ZW_PATH_MAX),
+    )
+
+
+class ZwFdKey(ctypes.Structure):
+    _fields_ = (("pid", ctypes.c_uint32), ("fd", ctypes.c_int32))
+
+
+class ZwFdState(ctypes.Structure):
+    _fields_ = (
+        ("bytes_read", ctypes.c_uint64),
+        ("bytes_written", ctypes.c_uint64),
+        ("zone_key", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    )
+
+
+# Every mirrored struct by its C name, for the layout check.
+MIRRORS: dict[str, type[ctypes.Structure]] = {
+    "zw_hdr": ZwHdr,
+    "zw_file_event": ZwFileEvent,
+    "zw_fd_key": ZwFdKey,
+    "zw_fd_state": ZwFdState,
+}
+
+
+def c_string(raw: bytes) -> bytes:
+    """A NUL-terminated C buffer as bytes (still undecoded: guests choose these bytes)."""
+    end = raw.find(b"\0")
+    return raw if end < 0 else raw[:end]
+
+
+@dataclass(slots=True)
+class FileRecord:
+    """A decoded file record, before attribution and path resolution."""
+
+    zone_key: int
+    ts_mono_ns: int
+    pid: int
+    tid: int
+    comm: bytes
+    op: FileOp
+    dirfd: int
+    dirfd2: int
+    mode: int
+    ret: int
+    flags: int
+    bytes_read: int
+    bytes_written: int
+    path: bytes
+    path2: bytes
+
+
+def decode_file(data: bytes) -> FileRecord:
+    rec = ZwFileEvent.from_buffer_copy(data)
+    return FileRecord(
+        zone_key=rec.hdr.zone_key,
+        ts_mono_ns=rec.hdr.ts_ns,
+        pid=rec.hdr.pid,
+        tid=rec.hdr.tid,
+        comm=c_string(bytes(rec.hdr.comm)),
+        op=FileOp(rec.op),
+        dirfd=rec.dirfd,
+        dirfd2=rec.dirfd2,
+        mode=rec.mode,
+        ret=rec.ret,
+        flags=rec.flags,
+        bytes_read=rec.bytes_read,
+        bytes_written=rec.bytes_written,
+        path=c_string(bytes(rec.path)),
+        path2=c_string(bytes(rec.path2)),
+    )
+
+
+Record = FileRecord
+DECODERS: dict[int, tuple[int, Callable[[bytes], Record]]] = {
+    RecordType.FILE: (ctypes.sizeof(ZwFileEvent), decode_file),
+}
+
+
+@dataclass(slots=True)
+class DecodeErrors:
+    """Records that could not be decoded, by reason: counted and reported, never a crash."""
+
+    short: int = 0
+    unknown_type: int = 0
+    bad_value: int = 0
+    by_type: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.short + self.unknown_type + self.bad_value
+
+
+def decode(data: bytes, errors: DecodeErrors) -> Record | None:
+    """Decode one record through the registry keyed by its header's type."""
+    if len(data) < ctypes.sizeof(ZwHdr):
+        errors.short += 1
+        return None
+    hdr = ZwHdr.from_buffer_copy(data[: ctypes.sizeof(ZwHdr)])
+    entry = DECODERS.get(hdr.type)
+    if entry is None:
+        errors.unknown_type += 1
+        errors.by_type[hdr.type] = errors.by_type.get(hdr.type, 0) + 1
+        return None
+    size, decoder = entry
+    if len(data) < size:
+        errors.short += 1
+        return None
+    try:
+        return decoder(data[:size])
+    except ValueError:  # an op code this build does not know
+        errors.bad_value += 1
+        return None
+
+
+# ==== kvm and sched channels (bpf/kvm.c, bpf/sched.c) ====================================
+# Their frequent facts are counted in kernel maps; the map keys and values below are part of
+# the wire contract, mirrored like the records. Only sampled kvm records use the registry.
+
+R = TypeVar("R")
+
+
+class CountLostSource(enum.IntEnum):
+    """enum zw_count_lost_source: the `lost` per-CPU array slots of the counting channels."""
+
+    RINGBUF = 0
+    MAP_FULL = 1
+    RATE_LIMITED = 2
+    STATE_FULL = 3
+
+
+class KvmOp(enum.IntEnum):
+    """enum zw_kvm_op: what a sampled kvm record reports."""
+
+    HYPERCALL = 1
+    HV_HYPERCALL = 2
+    XEN_HYPERCALL = 3
+    MSR_WRITE = 4
+
+
+KVM_F_FAULT = 1  # the MSR access raised #GP
+KVM_F_FAST = 2  # a Hyper-V "fast" hypercall (arguments in registers)
+
+
+class KvmCounter(enum.IntEnum):
+    """enum zw_kvm_counter: the kinds of the kvm `counters` map."""
+
+    HYPERCALL = 1
+    MSR_READ = 2
+    MSR_WRITE = 3
+    MSR_READ_GP = 4
+    MSR_WRITE_GP = 5
+    EMULATE = 6
+    EMULATE_FAILED = 7
+    CPUID = 8
+    HV_HYPERCALL = 9
+    XEN_HYPERCALL = 10
+
+
+class MmioAccess(enum.IntEnum):
+    """enum zw_kvm_mmio_access: kvm_mmio's `type`, plus fast (ioeventfd) writes."""
+
+    UNSATISFIED_READ = 0
+    READ = 1
+    WRITE = 2
+    FAST_WRITE = 3
+
+
+class HistKind(enum.IntEnum):
+    """enum zw_hist_kind: which latency a log2 histogram holds."""
+
+    KVM_EXIT = 1
+    KVM_USERSPACE = 2
+    RUN_DELAY = 3
+
+
+class SchedTotal(enum.IntEnum):
+    """enum zw_sched_total: the kinds of the sched `totals` map."""
+
+    RUN_DELAY = 1
+    VCPU_ONCPU = 2
+    OTHER_ONCPU = 3
+
+
+class ZwKvmEvent(ctypes.Structure):
+    _fields_ = (
+        ("hdr", ZwHdr),
+        ("op", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("code", ctypes.c_uint64),
+        ("args", ctypes.c_uint64 * 6),
+    )
+
+
+class ZwSum(ctypes.Structure):
+    _fields_ = (("count", ctypes.c_uint64), ("total", ctypes.c_uint64))
+
+
+class ZwKvmExitKey(ctypes.Structure):
+    _fields_ = (
+        ("zone_key", ctypes.c_uint32),
+        ("vcpu_id", ctypes.c_uint32),
+        ("reason", ctypes.c_uint32),
+        ("isa", ctypes.c_uint32),
+    )
+
+
+class ZwKvmUexitKey(ctypes.Structure):
+    _fields_ = (
+        ("zone_key", ctypes.c_uint32),
+        ("reason", ctypes.c_uint32),
+        ("err", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    )
+
+
+class ZwKvmPioKey(ctypes.Structure):
+    _fields_ = (
+        ("zone_key", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("dir", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8),
+    )
+
+
+class ZwKvmMmioKey(ctypes.Structure):
+    _fields_ = (
+        ("zone_key", ctypes.c_uint32),
+        ("access", ctypes.c_uint32),
+        ("page", ctypes.c_uint64),
+    )
+
+
+class ZwKvmCtrKey(ctypes.Structure):
+    _fields_ = (
+        ("zone_key", ctypes.c_uint32),
+        ("kind", ctypes.c_uint32),
+        ("code", ctypes.c_uint64),
+    )
+
+
+class ZwHistKey(ctypes.Structure):
+    _fields_ = (
+        ("zone_key", ctypes.c_uint32),
+        ("kind", ctypes.c_uint16),
+        ("slot", ctypes.c_uint16),
+    )
+
+
+class ZwSchedKey(ctypes.Structure):
+    _fields_ = (("zone_key", ctypes.c_uint32), ("kind", ctypes.c_uint32))
+
+
+ZW_HIST_SLOTS = 48
+
+
+class ZwVcpuState(ctypes.Structure):
+    _fields_ = (
+        ("exit_ts", ctypes.c_uint64),
+        ("uexit_ts", ctypes.c_uint64),
+        ("zone_key", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("emulated", ctypes.c_uint64),
+        ("emulate_failed", ctypes.c_uint64),
+        ("exit_lat", ctypes.c_uint64 * ZW_HIST_SLOTS),
+        ("user_lat", ctypes.c_uint64 * ZW_HIST_SLOTS),
+    )
+
+
+class ZwWaitState(ctypes.Structure):
+    _fields_ = (
+        ("since_ns", ctypes.c_uint64),
+        ("zone_key", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    )
+
+
+MIRRORS.update(
+    {
+        "zw_kvm_event": ZwKvmEvent,
+        "zw_sum": ZwSum,
+        "zw_kvm_exit_key": ZwKvmExitKey,
+        "zw_kvm_uexit_key": ZwKvmUexitKey,
+        "zw_kvm_pio_key": ZwKvmPioKey,
+        "zw_kvm_mmio_key": ZwKvmMmioKey,
+        "zw_kvm_ctr_key": ZwKvmCtrKey,
+        "zw_hist_key": ZwHistKey,
+        "zw_sched_key": ZwSchedKey,
+        "zw_vcpu_state": ZwVcpuState,
+        "zw_wait_state": ZwWaitState,
+    }
+)
+
+
+@dataclass(slots=True)
+class KvmRecord:
+    """A sampled kvm record (hypercall or MSR write), before attribution."""
+
+    zone_key: int
+    ts_mono_ns: int
+    pid: int
+    tid: int
+    comm: bytes
+    op: KvmOp
+    flags: int
+    code: int  # hypercall number / Hyper-V call code, or MSR index
+    args: tuple[int, ...]  # hypercall arguments; for an MSR write, (value, 0, ...)
+
+    @property
+    def faulted(self) -> bool:
+        return bool(self.flags & KVM_F_FAULT)
+
+
+def decode_kvm(data: bytes) -> KvmRecord:
+    rec = ZwKvmEvent.from_buffer_copy(data)
+    return KvmRecord(
+        zone_key=rec.hdr.zone_key,
+        ts_mono_ns=rec.hdr.ts_ns,
+        pid=rec.hdr.pid,
+        tid=rec.hdr.tid,
+        comm=c_string(bytes(rec.hdr.comm)),
+        op=KvmOp(rec.op),
+        flags=rec.flags,
+        code=rec.code,
+        args=tuple(rec.args),
+    )
+
+
+# The kvm channel's registry. `decode()` above serves the file channel's `Record`; when the
+# pipeline dispatches on record type, these entries can join DECODERS.
+KVM_DECODERS: dict[int, tuple[int, Callable[[bytes], KvmRecord]]] = {
+    RecordType.KVM: (ctypes.sizeof(ZwKvmEvent), decode_kvm),
+}
+
+
+def decode_with(
+    registry: Mapping[int, tuple[int, Callable[[bytes], R]]], data: bytes, errors: DecodeErrors
+) -> R | None:
+    """decode() through any registry: short, unknown and bad records are counted, not raised."""
+    if len(data) < ctypes.sizeof(ZwHdr):
+        errors.short += 1
+        return None
+    hdr = ZwHdr.from_buffer_copy(data[: ctypes.sizeof(ZwHdr)])
+    entry = registry.get(hdr.type)
+    if entry is None:
+        errors.unknown_type += 1
+        errors.by_type[hdr.type] = errors.by_type.get(hdr.type, 0) + 1
+        return None
+    size, decoder = entry
+    if len(data) < size:
+        errors.short += 1
+        return None
+    try:
+        return decoder(data[:size])
+    except ValueError:  # an op code this build does not know
+        errors.bad_value += 1
+        return None
