@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from zonewatch.inventory.tenants import TenantMap, load_tenants
-
 from zonewatch.inventory import Inventory
+from zonewatch.inventory.tenants import TenantMap, load_tenants
 from zonewatch.model import Vmm
 
 QEMU_ARGV = [
