@@ -17,15 +17,34 @@ from zonewatch.probes.file import FileProbe
 from zonewatch.probes.records import FileOp
 
 
-def programs_of(pid: int) -> list[str]:
+def programs_held_by(pid: int) -> set[int]:
+    """The ids of the BPF programs a process holds, from its fds' fdinfo `prog_id:` lines."""
+    ids: set[int] = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = info.read_text()
+        except OSError:  # the fd closed meanwhile
+            continue
+        ids.update(
+            int(line.split()[1]) for line in text.splitlines() if line.startswith("prog_id:")
+        )
+    return ids
+
+
+def loaded_programs() -> set[int]:
     out = subprocess.run(
         ["bpftool", "--json", "prog", "show"], capture_output=True, text=True, check=True
     ).stdout
-    return [
-        p.get("name", "")
-        for p in json.loads(out or "[]")
-        if any(owner["pid"] == pid for owner in p.get("pids", []))
-    ]
+    return {p["id"] for p in json.loads(out or "[]")}
+
+
+def wait_unloaded(ids: set[int], timeout: float = 10.0) -> set[int]:
+    """The programs of `ids` still loaded once the kernel had `timeout` seconds to free them
+    (freeing after the last fd closes is deferred)."""
+    deadline = time.monotonic() + timeout
+    while (left := ids & loaded_programs()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
 
 
 def start_agent(*extra: str) -> subprocess.Popen[str]:
@@ -43,38 +62,44 @@ def start_agent(*extra: str) -> subprocess.Popen[str]:
             return agent
         if not line and agent.poll() is not None:
             break
-    agent.kill()
+    reap(agent)
     pytest.fail(f"agent did not attach (exit {agent.wait()})")
+
+
+def reap(agent: subprocess.Popen[str]) -> None:
+    agent.kill()
+    agent.wait()
+    if agent.stderr:
+        agent.stderr.close()
 
 
 def test_sigterm_detaches_and_exits_zero() -> None:
     agent = start_agent()
     try:
-        assert programs_of(agent.pid), "no BPF program attached by the agent"
+        held = programs_held_by(agent.pid)
+        assert held, "no BPF program attached by the agent"
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=30) == 0
     finally:
-        agent.kill()
-        agent.wait()
-    assert programs_of(agent.pid) == []
+        reap(agent)
+    assert wait_unloaded(held) == set()
 
 
 def test_kill9_leaves_nothing_and_the_next_start_attaches() -> None:
     agent = start_agent()
     try:
-        assert programs_of(agent.pid)
+        held = programs_held_by(agent.pid)
+        assert held
         agent.kill()
         agent.wait(timeout=30)
-        assert programs_of(agent.pid) == []
+        assert wait_unloaded(held) == set()
     finally:
-        agent.kill()
-        agent.wait()
+        reap(agent)
     again = start_agent("--duration", "1")
     try:
         assert again.wait(timeout=30) == 0
     finally:
-        again.kill()
-        again.wait()
+        reap(again)
 
 
 def test_dropped_records_are_counted_exactly(tmp_path: Path) -> None:
