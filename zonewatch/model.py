@@ -242,3 +242,87 @@ class Alert:
             "last_ts": rfc3339_ns(self.last_ts_ns or self.ts_ns),
             "lost_in_window": self.lost_in_window,
         }
+
+
+@dataclass(slots=True)
+class ZoneStats:
+    """One zone's rates over the last interval (type "stats" in the JSON contract).
+
+    The aggregator fills one per zone each interval; the UI, the metrics sinks and the
+    windowed rules read them (rule fields `kvm.*`, `sched.*`, `net.*`, `file.*` below).
+    Rates are per second. Detail maps (by exit reason, by port) are bounded by the probes.
+    """
+
+    ts_ns: int
+    zone: ZoneRef
+    interval_s: float
+    vcpus: int = 0
+    # kvm
+    exits_per_s: float = 0.0
+    exits_by_reason: dict[str, float] = field(default_factory=dict)
+    userspace_exits_per_s: float = 0.0
+    pio_per_s: float = 0.0
+    mmio_per_s: float = 0.0
+    hypercalls_per_s: float = 0.0
+    msr_writes_per_s: float = 0.0
+    pio_ports: dict[str, float] = field(default_factory=dict)  # "0x3f8/out" -> per second
+    mmio_pages: dict[str, float] = field(default_factory=dict)  # "0xfee00000/write" -> per s
+    exit_latency_p99_us: float = 0.0
+    # sched
+    run_delay_p50_us: float = 0.0
+    run_delay_p99_us: float = 0.0
+    cpu_pct: float = 0.0  # of one CPU, summed over the zone's vCPU threads
+    # net
+    rx_bytes_per_s: float = 0.0
+    tx_bytes_per_s: float = 0.0
+    rx_packets_per_s: float = 0.0
+    tx_packets_per_s: float = 0.0
+    new_flows_per_s: float = 0.0
+    malformed_per_s: float = 0.0
+    # file
+    file_ops_per_s: float = 0.0
+    # rules
+    open_alerts: int = 0
+
+    @property
+    def top_exit_reason(self) -> str:
+        if not self.exits_by_reason:
+            return ""
+        return max(self.exits_by_reason.items(), key=lambda item: item[1])[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "stats",
+            "ts": rfc3339_ns(self.ts_ns),
+            "zone": self.zone.to_json(),
+            "interval_s": self.interval_s,
+            "kvm": {
+                "vcpus": self.vcpus,
+                "exits_per_s": self.exits_per_s,
+                "top_exit_reason": self.top_exit_reason,
+                "exits_by_reason": self.exits_by_reason,
+                "userspace_exits_per_s": self.userspace_exits_per_s,
+                "pio_per_s": self.pio_per_s,
+                "mmio_per_s": self.mmio_per_s,
+                "hypercalls_per_s": self.hypercalls_per_s,
+                "msr_writes_per_s": self.msr_writes_per_s,
+                "pio_ports": self.pio_ports,
+                "mmio_pages": self.mmio_pages,
+                "exit_latency_p99_us": self.exit_latency_p99_us,
+            },
+            "sched": {
+                "run_delay_p50_us": self.run_delay_p50_us,
+                "run_delay_p99_us": self.run_delay_p99_us,
+                "cpu_pct": self.cpu_pct,
+            },
+            "net": {
+                "rx_bytes_per_s": self.rx_bytes_per_s,
+                "tx_bytes_per_s": self.tx_bytes_per_s,
+                "rx_packets_per_s": self.rx_packets_per_s,
+                "tx_packets_per_s": self.tx_packets_per_s,
+                "new_flows_per_s": self.new_flows_per_s,
+                "malformed_per_s": self.malformed_per_s,
+            },
+            "file": {"ops_per_s": self.file_ops_per_s},
+            "alerts": {"open": self.open_alerts},
+        }
