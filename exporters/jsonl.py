@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 import orjson
+
 from zonewatch.exporters.base import JsonRecord
 
 log = logging.getLogger(__name__)
