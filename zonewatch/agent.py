@@ -1,7 +1,8 @@
 """The agent: inventory, probes, attribution and sinks in one loop.
 
 The loop polls the probes' ring buffers briefly, rescans the inventory every
-`scan_interval` (the kernel filter follows within a second), and reports loss each second.
+`scan_interval` (the kernel filter follows within a second), turns the counting probes'
+kernel maps into per-zone stats every `stats_interval`, and reports loss each second.
 Probes are attached once and detached on stop; nothing is pinned, so a killed agent leaves
 no program attached once its file descriptors close.
 """
@@ -14,9 +15,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from zonewatch.aggregate import Aggregator
+from zonewatch.errors import EnvironmentProblem
 from zonewatch.exporters.base import JsonRecord, Sink
 from zonewatch.inventory import Inventory
-from zonewatch.model import Lost
+from zonewatch.model import Lost, ZoneStats
 from zonewatch.pipeline import Attribution
 from zonewatch.probes.base import Probe
 
@@ -26,7 +29,9 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class AgentOptions:
     emit_events: bool = False
+    emit_stats: bool = True  # `stats` lines to the sinks each stats_interval
     duration: float | None = None
+    stats_interval: float = 1.0
     scan_interval: float = 0.5
     poll_ms: int = 100
     loss_interval: float = 1.0
@@ -53,16 +58,28 @@ class Agent:
         self.options = options or AgentOptions()
         self.attribution = Attribution(inventory.by_key)
         self.counters = AgentCounters()
+        self.latest_stats: list[ZoneStats] = []
         self._on_attached = on_attached
+        self._aggregator: Aggregator | None = None
 
     def run(self, stop: threading.Event) -> None:
         self.inventory.refresh()
         attached: list[Probe] = []
         try:
             for probe in self.probes:
-                probe.attach()
+                try:
+                    probe.attach()
+                except EnvironmentProblem as exc:
+                    # One channel this host can't provide (`zonewatch doctor` says why)
+                    # doesn't take the others down.
+                    log.warning("%s probe not attached: %s", probe.name, exc)
+                    continue
                 attached.append(probe)
                 probe.set_zones(list(self.inventory.zones.values()))
+            if not attached:
+                raise EnvironmentProblem("agent", "no probe could attach on this host")
+            self.probes = attached
+            self._aggregator = Aggregator(attached)
             log.info(
                 "attached %s; watching %d zone(s)",
                 ", ".join(p.name for p in attached),
@@ -83,6 +100,7 @@ class Agent:
         started = time.monotonic()
         next_scan = started + opts.scan_interval
         next_loss = started + opts.loss_interval
+        next_stats = started + opts.stats_interval
         while not stop.is_set():
             now = time.monotonic()
             if opts.duration is not None and now - started >= opts.duration:
@@ -93,8 +111,13 @@ class Agent:
             for probe in self.probes:
                 events = self.attribution.process(probe.poll(opts.poll_ms))
                 self.counters.events += len(events)
+                if self._aggregator:
+                    self._aggregator.count_events(events)
                 if opts.emit_events:
                     self._export(events)
+            if now >= next_stats:
+                self._take_stats()
+                next_stats = now + opts.stats_interval
             if now >= next_loss:
                 self._report_loss()
                 next_loss = now + opts.loss_interval
@@ -114,6 +137,13 @@ class Agent:
             log.info("zone gone: %s (pid %d)", zone.name, zone.pid)
             for pid in zone.pids:
                 self.attribution.files.fds.forget_pid(pid)
+
+    def _take_stats(self) -> None:
+        if self._aggregator is None:
+            return
+        self.latest_stats = self._aggregator.snapshot(list(self.inventory.zones.values()))
+        if self.options.emit_stats:
+            self._export(self.latest_stats)
 
     def _report_loss(self) -> None:
         """Emit a `lost` line for every source whose count grew since the last report."""

@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--jsonl", metavar="FILE|-", help="write JSON lines (alerts, lost, events)")
     run.add_argument("--events", action="store_true", help="also emit every raw event")
     run.add_argument("--duration", metavar="S", type=_positive_float, help="stop after S seconds")
+    run.add_argument(
+        "--stats-interval",
+        metavar="S",
+        type=_positive_float,
+        default=1.0,
+        help="per-zone stats every S seconds (default 1)",
+    )
+    run.add_argument("--no-stats", action="store_true", help="no `stats` lines in the output")
 
     zones = sub.add_parser("zones", help="the zones on this host now")
     _add_inventory_options(zones)
@@ -105,14 +113,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from zonewatch.agent import Agent, AgentOptions
     from zonewatch.exporters.jsonl import JsonlSink
     from zonewatch.probes.file import FileProbe
+    from zonewatch.probes.kvm import KvmProbe
+    from zonewatch.probes.sched import SchedProbe
 
     inventory = _inventory(args)
     sinks = [JsonlSink(args.jsonl)] if args.jsonl else []
     agent = Agent(
         inventory,
-        [FileProbe()],
+        [FileProbe(), KvmProbe(), SchedProbe()],
         sinks,
-        AgentOptions(emit_events=args.events, duration=args.duration),
+        AgentOptions(
+            emit_events=args.events,
+            emit_stats=not args.no_stats,
+            duration=args.duration,
+            stats_interval=args.stats_interval,
+        ),
     )
     stop = threading.Event()
 

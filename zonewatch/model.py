@@ -167,6 +167,40 @@ class FileEvent:
         }
 
 
+@dataclass(slots=True)
+class KvmEvent:
+    """A sampled, telling kvm event (hypercall, MSR write); everything frequent is counted
+    in kernel maps and reaches user space only as ZoneStats."""
+
+    ts_ns: int
+    zone: ZoneRef
+    op: str  # hypercall, hv_hypercall, xen_hypercall, msr_write
+    pid: int
+    tid: int
+    comm: str
+    code: int  # hypercall number / Hyper-V call code, or MSR index
+    args: tuple[int, ...] = ()  # hypercall arguments; for an MSR write, (value,)
+    faulted: bool = False  # the MSR access raised #GP
+
+    channel = "kvm"
+
+    def to_json(self) -> dict[str, Any]:
+        kvm: dict[str, Any] = {"args": [f"{a:#x}" for a in self.args], "faulted": self.faulted}
+        if self.op == "msr_write":
+            kvm["msr"] = f"{self.code:#x}"
+        else:
+            kvm["hypercall_nr"] = self.code
+        return {
+            "type": "event",
+            "ts": rfc3339_ns(self.ts_ns),
+            "zone": self.zone.to_json(),
+            "channel": "kvm",
+            "op": self.op,
+            "kvm": kvm,
+            "proc": {"pid": self.pid, "tid": self.tid, "comm": self.comm},
+        }
+
+
 @dataclass(slots=True, frozen=True)
 class Lost:
     """Events the kernel or a queue dropped; reported, never silent."""
@@ -298,31 +332,40 @@ class ZoneStats:
             "interval_s": self.interval_s,
             "kvm": {
                 "vcpus": self.vcpus,
-                "exits_per_s": self.exits_per_s,
+                "exits_per_s": _r(self.exits_per_s),
                 "top_exit_reason": self.top_exit_reason,
-                "exits_by_reason": self.exits_by_reason,
-                "userspace_exits_per_s": self.userspace_exits_per_s,
-                "pio_per_s": self.pio_per_s,
-                "mmio_per_s": self.mmio_per_s,
-                "hypercalls_per_s": self.hypercalls_per_s,
-                "msr_writes_per_s": self.msr_writes_per_s,
-                "pio_ports": self.pio_ports,
-                "mmio_pages": self.mmio_pages,
-                "exit_latency_p99_us": self.exit_latency_p99_us,
+                "exits_by_reason": _rd(self.exits_by_reason),
+                "userspace_exits_per_s": _r(self.userspace_exits_per_s),
+                "pio_per_s": _r(self.pio_per_s),
+                "mmio_per_s": _r(self.mmio_per_s),
+                "hypercalls_per_s": _r(self.hypercalls_per_s),
+                "msr_writes_per_s": _r(self.msr_writes_per_s),
+                "pio_ports": _rd(self.pio_ports),
+                "mmio_pages": _rd(self.mmio_pages),
+                "exit_latency_p99_us": _r(self.exit_latency_p99_us),
             },
             "sched": {
-                "run_delay_p50_us": self.run_delay_p50_us,
-                "run_delay_p99_us": self.run_delay_p99_us,
-                "cpu_pct": self.cpu_pct,
+                "run_delay_p50_us": _r(self.run_delay_p50_us),
+                "run_delay_p99_us": _r(self.run_delay_p99_us),
+                "cpu_pct": _r(self.cpu_pct),
             },
             "net": {
-                "rx_bytes_per_s": self.rx_bytes_per_s,
-                "tx_bytes_per_s": self.tx_bytes_per_s,
-                "rx_packets_per_s": self.rx_packets_per_s,
-                "tx_packets_per_s": self.tx_packets_per_s,
-                "new_flows_per_s": self.new_flows_per_s,
-                "malformed_per_s": self.malformed_per_s,
+                "rx_bytes_per_s": _r(self.rx_bytes_per_s),
+                "tx_bytes_per_s": _r(self.tx_bytes_per_s),
+                "rx_packets_per_s": _r(self.rx_packets_per_s),
+                "tx_packets_per_s": _r(self.tx_packets_per_s),
+                "new_flows_per_s": _r(self.new_flows_per_s),
+                "malformed_per_s": _r(self.malformed_per_s),
             },
-            "file": {"ops_per_s": self.file_ops_per_s},
+            "file": {"ops_per_s": _r(self.file_ops_per_s)},
             "alerts": {"open": self.open_alerts},
         }
+
+
+def _r(rate: float) -> float:
+    """Rates in JSON: three decimals are plenty and keep lines short."""
+    return round(rate, 3)
+
+
+def _rd(rates: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in rates.items()}

@@ -15,8 +15,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from zonewatch.model import FileEvent, Share, Zone
-from zonewatch.probes.records import FileOp, FileRecord, Record
+from zonewatch.model import FileEvent, KvmEvent, Share, Zone
+from zonewatch.probes.records import FileOp, FileRecord, KvmOp, KvmRecord, ZoneRecord
+
+# What attribution hands on: one typed event per record.
+Event = FileEvent | KvmEvent
 
 AT_FDCWD = -100
 AT_REMOVEDIR = 0x200
@@ -63,6 +66,7 @@ class PipelineStats:
     records: int = 0
     unattributed: int = 0  # the zone key named no zone known now or recently
     internal: int = 0  # records that only update state (directory opens inside shares)
+    unknown: int = 0  # record types this pipeline has no builder for
 
 
 class FdTable:
@@ -136,7 +140,7 @@ class FileEventBuilder:
 
     def __init__(self, proc: Path = Path("/proc"), clock: MonotonicClock | None = None) -> None:
         self.fds = FdTable(proc)
-        self._clock = clock or MonotonicClock()
+        self.clock = clock or MonotonicClock()
         self.stats = PipelineStats()
 
     def build(self, rec: FileRecord, zone: Zone) -> FileEvent | None:
@@ -178,7 +182,7 @@ class FileEventBuilder:
         share, guest = guest_view(zone, host)
         new_guest = guest_view(zone, new_host)[1] if new_host else ""
         return FileEvent(
-            ts_ns=self._clock.wall(rec.ts_mono_ns),
+            ts_ns=self.clock.wall(rec.ts_mono_ns),
             zone=zone.ref,
             op=op_name,
             path=guest,
@@ -197,6 +201,20 @@ class FileEventBuilder:
         )
 
 
+def kvm_event(rec: KvmRecord, zone: Zone, clock: MonotonicClock) -> KvmEvent:
+    return KvmEvent(
+        ts_ns=clock.wall(rec.ts_mono_ns),
+        zone=zone.ref,
+        op=rec.op.name.lower(),
+        pid=rec.pid,
+        tid=rec.tid,
+        comm=text(rec.comm),
+        code=rec.code,
+        args=rec.args[:1] if rec.op == KvmOp.MSR_WRITE else rec.args,
+        faulted=rec.faulted,
+    )
+
+
 class Attribution:
     """Kernel records -> typed, zone-attributed events."""
 
@@ -208,8 +226,8 @@ class Attribution:
     def stats(self) -> PipelineStats:
         return self.files.stats
 
-    def process(self, records: Iterable[Record]) -> list[FileEvent]:
-        events: list[FileEvent] = []
+    def process(self, records: Iterable[ZoneRecord]) -> list[Event]:
+        events: list[Event] = []
         stats = self.files.stats
         for rec in records:
             stats.records += 1
@@ -217,7 +235,14 @@ class Attribution:
             if zone is None:
                 stats.unattributed += 1
                 continue
-            event = self.files.build(rec, zone)
+            event: Event | None
+            if isinstance(rec, FileRecord):
+                event = self.files.build(rec, zone)
+            elif isinstance(rec, KvmRecord):
+                event = kvm_event(rec, zone, self.files.clock)
+            else:
+                stats.unknown += 1
+                continue
             if event is not None:
                 events.append(event)
         return events

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from zonewatch.model import Zone
-from zonewatch.probes.records import DecodeErrors, Record, decode
+from zonewatch.probes.records import DecodeErrors, Record, ZoneRecord, decode
 
 
 class Probe(Protocol):
@@ -18,7 +18,9 @@ class Probe(Protocol):
     def set_zones(self, zones: Sequence[Zone]) -> None:
         """Make the kernel filter match these zones (called on every inventory change)."""
 
-    def poll(self, timeout_ms: int) -> list[Record]: ...
+    def poll(self, timeout_ms: int) -> Sequence[ZoneRecord]:
+        """Records decoded from the probe's ring buffer (pipeline.Attribution knows them)."""
+
     def lost(self) -> dict[str, int]: ...
     def detach(self) -> None: ...
 

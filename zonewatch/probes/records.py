@@ -10,7 +10,7 @@ import ctypes
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 ZW_COMM_LEN = 16
 ZW_PATH_MAX = 256
@@ -140,6 +140,13 @@ def decode_file(data: bytes) -> FileRecord:
         path=c_string(bytes(rec.path)),
         path2=c_string(bytes(rec.path2)),
     )
+
+
+class ZoneRecord(Protocol):
+    """What every decoded record carries: the zone key the kernel filter matched."""
+
+    @property
+    def zone_key(self) -> int: ...
 
 
 Record = FileRecord
