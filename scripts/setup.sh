@@ -55,6 +55,20 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
   echo "$want" > "$stamp"
 fi
+# The zonewatch.v1 gRPC stubs (gitignored): regenerated only when the .proto is newer.
+# protoc names modules after the proto's path (zonewatch.v1); sed points the grpc module's
+# import at where the stubs live inside the package.
+proto=zonewatch/api/proto/zonewatch/v1/zonewatch.proto
+gen=zonewatch/api/gen/zonewatch/v1
+if [[ ! -f "$gen/zonewatch_pb2_grpc.py" || "$proto" -nt "$gen/zonewatch_pb2_grpc.py" ]]; then
+  say "generating the gRPC stubs"
+  mkdir -p "$gen"
+  .venv/bin/python -m grpc_tools.protoc -I zonewatch/api/proto --python_out=zonewatch/api/gen \
+    --pyi_out=zonewatch/api/gen --grpc_python_out=zonewatch/api/gen "$proto"
+  sed -i 's/^from zonewatch\.v1 import/from zonewatch.api.gen.zonewatch.v1 import/' \
+    "$gen/zonewatch_pb2_grpc.py"
+  touch zonewatch/api/gen/__init__.py zonewatch/api/gen/zonewatch/__init__.py "$gen/__init__.py"
+fi
 # Expose only Debian's bcc package to the venv, not all of dist-packages.
 [[ -e "$site/bcc" ]] || ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
 .venv/bin/python -c 'import bcc' || { echo "setup: bcc does not import in .venv" >&2; exit 1; }

@@ -1,0 +1,345 @@
+"""The durable alert journal: every alert is written here, and numbered, before delivery.
+
+Layout: DIR/<first seq, 20 digits>.seg files of JSON lines, one alert per line, oldest
+first; the newest segment is the active one. Sequence numbers are contiguous and survive
+restarts (recovered from the active segment, or from its name when it is still empty).
+
+Durability: an alert is written (os.write) before anyone sees it, so killing the agent
+loses nothing that was delivered; fsync is batched (at most `fsync_interval_s` after a
+write), so a power loss costs at most that much. A torn last line (power loss mid-write)
+is cut off on open. Retention drops whole old segments by total size and by age; readers
+learn what they missed as a gap between what they asked for and `first_seq`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from zonewatch.errors import ConfigError
+from zonewatch.model import Alert, Severity, ZoneRef
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".seg"
+INDEX_EVERY = 128  # one remembered file offset per this many records of a segment
+
+
+@dataclass(slots=True)
+class JournalOptions:
+    max_bytes: int = 256 << 20
+    max_age_s: float = 7 * 86400.0
+    segment_bytes: int = 8 << 20
+    fsync_interval_s: float = 0.05
+    cache_records: int = 8192  # newest alerts kept in memory: catch-up reads skip the disk
+
+
+def encode(alert: Alert) -> bytes:
+    """One journal line (compact keys; ints stay ints)."""
+    z = alert.zone
+    return orjson.dumps(
+        {
+            "seq": alert.seq,
+            "ts": alert.ts_ns,
+            "zone": [z.id, z.name, z.tenant, z.vmm],
+            "rule": alert.rule,
+            "sev": int(alert.severity),
+            "summary": alert.summary,
+            "tags": list(alert.tags),
+            "evidence": alert.evidence,
+            "count": alert.count,
+            "first": alert.first_ts_ns,
+            "last": alert.last_ts_ns,
+            "lost": alert.lost_in_window,
+        },
+        option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS,
+    )
+
+
+def decode(line: bytes) -> Alert:
+    d: dict[str, Any] = orjson.loads(line)
+    zid, name, tenant, vmm = d["zone"]
+    return Alert(
+        ts_ns=d["ts"],
+        zone=ZoneRef(zid, name, tenant, vmm),
+        rule=d["rule"],
+        severity=Severity(d["sev"]),
+        summary=d["summary"],
+        tags=tuple(d["tags"]),
+        evidence=d["evidence"],
+        count=d["count"],
+        first_ts_ns=d["first"],
+        last_ts_ns=d["last"],
+        lost_in_window=d["lost"],
+        seq=d["seq"],
+    )
+
+
+@dataclass(slots=True)
+class _Segment:
+    first_seq: int
+    path: Path
+    size: int = 0
+    count: int = 0
+    created: float = field(default_factory=time.time)
+    # (seq, offset) every INDEX_EVERY records; built on the first read (or while writing)
+    index: list[tuple[int, int]] | None = None
+
+
+@dataclass(slots=True)
+class ReadResult:
+    alerts: list[Alert]
+    first_seq: int  # the oldest retained seq when read (a gap before it was dropped)
+    last_seq: int  # the newest seq in the journal when read
+
+
+class Journal:
+    """Thread-safe: the agent appends while the gRPC server's thread reads."""
+
+    def __init__(self, directory: str | Path, options: JournalOptions | None = None) -> None:
+        self.dir = Path(directory)
+        self.options = options or JournalOptions()
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise ConfigError(str(self.dir), "journal in use by another agent") from None
+        self._lock = threading.RLock()
+        self._segments: list[_Segment] = []
+        self._cache: deque[Alert] = deque(maxlen=self.options.cache_records)
+        self._fd = -1
+        self._dirty = False
+        self.last_seq = 0
+        self.fsyncs = 0
+        self._recover()
+        self._closed = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="zw-journal", daemon=True)
+        self._flusher.start()
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        for path in sorted(self.dir.glob(f"*{SUFFIX}")):
+            try:
+                first = int(path.stem)
+            except ValueError:
+                continue
+            st = path.stat()
+            self._segments.append(_Segment(first, path, st.st_size, created=st.st_mtime))
+        if not self._segments:
+            self._open_segment(1)
+            return
+        active = self._segments[-1]
+        # Scan the active segment: its last whole, parseable line gives the last seq; a
+        # torn tail (power loss mid-write) is cut off so appends continue on a clean line.
+        data = active.path.read_bytes()
+        good = 0
+        seq = active.first_seq - 1
+        index: list[tuple[int, int]] = []
+        count = 0
+        pos = 0
+        while pos < len(data):
+            end = data.find(b"\n", pos)
+            if end < 0:
+                break
+            try:
+                alert = decode(data[pos : end + 1])
+            except (orjson.JSONDecodeError, KeyError, ValueError, TypeError):
+                break
+            if count % INDEX_EVERY == 0:
+                index.append((alert.seq, pos))
+            seq = alert.seq
+            count += 1
+            self._cache.append(alert)
+            pos = end + 1
+            good = pos
+        if good < len(data):
+            log.warning("journal %s: cut a torn tail of %d bytes", active.path, len(data) - good)
+            with active.path.open("r+b") as f:
+                f.truncate(good)
+                os.fsync(f.fileno())
+        active.size, active.count, active.index = good, count, index
+        self.last_seq = seq
+        self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
+
+    def _open_segment(self, first_seq: int) -> None:
+        path = self.dir / f"{first_seq:020d}{SUFFIX}"
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._segments.append(_Segment(first_seq, path, index=[]))
+        self.last_seq = first_seq - 1
+        self._fsync_dir()
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest seq still retained (last_seq + 1 when the journal is empty)."""
+        with self._lock:
+            return self._segments[0].first_seq
+
+    def append(self, alerts: Sequence[Alert]) -> None:
+        """Number the alerts (Alert.seq) and write them in one write."""
+        if not alerts:
+            return
+        with self._lock:
+            active = self._segments[-1]
+            assert active.index is not None
+            parts = []
+            offset = active.size
+            for alert in alerts:
+                self.last_seq += 1
+                alert.seq = self.last_seq
+                line = encode(alert)
+                if active.count % INDEX_EVERY == 0:
+                    active.index.append((alert.seq, offset))
+                active.count += 1
+                offset += len(line)
+                parts.append(line)
+            data = b"".join(parts)
+            written = os.write(self._fd, data)
+            while written < len(data):  # regular files write whole, but be exact
+                written += os.write(self._fd, data[written:])
+            active.size = offset
+            self._cache.extend(alerts)
+            self._dirty = True  # the flusher thread fsyncs: appends never wait for the disk
+            if active.size >= self.options.segment_bytes or (
+                time.time() - active.created > self.options.max_age_s / 8
+            ):
+                self._roll_locked()
+            self._retain_locked()
+
+    def _fsync_locked(self) -> None:
+        if self._dirty:
+            os.fsync(self._fd)
+            self.fsyncs += 1
+            self._dirty = False
+
+    def _roll_locked(self) -> None:
+        self._fsync_locked()
+        os.close(self._fd)
+        self._open_segment(self.last_seq + 1)
+
+    def _retain_locked(self) -> None:
+        opts = self.options
+        total = sum(s.size for s in self._segments)
+        horizon = time.time() - opts.max_age_s
+        dropped = False
+        while len(self._segments) > 1:
+            oldest = self._segments[0]
+            try:
+                mtime = oldest.path.stat().st_mtime
+            except FileNotFoundError:
+                mtime = 0.0
+            if total <= opts.max_bytes and mtime >= horizon:
+                break
+            oldest.path.unlink(missing_ok=True)
+            total -= oldest.size
+            self._segments.pop(0)
+            dropped = True
+        if dropped:
+            self._fsync_dir()
+
+    def sync(self) -> None:
+        with self._lock:
+            self._fsync_locked()
+
+    def _flush_loop(self) -> None:
+        # Bounds the time an alert stays written but not fsynced when appends pause.
+        while not self._closed.wait(self.options.fsync_interval_s):
+            with self._lock:
+                if not self._dirty or self._fd < 0:
+                    continue
+                self._dirty = False
+                fd = os.dup(self._fd)  # a roll may close the original meanwhile
+            try:
+                os.fsync(fd)  # outside the lock: appends go on during the fsync
+                self.fsyncs += 1
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._flusher.join()
+        with self._lock:
+            if self._fd >= 0:
+                self._fsync_locked()
+                os.close(self._fd)
+                self._fd = -1
+            os.close(self._lock_fd)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read_after(self, seq: int, limit: int = 1024) -> ReadResult:
+        """Up to `limit` alerts with seq > `seq`, oldest first. When seq + 1 is older than
+        retention, the read starts at first_seq: the caller sees the gap and reports it."""
+        with self._lock:
+            first, last = self._segments[0].first_seq, self.last_seq
+            start = max(seq + 1, first)
+            if start > last:
+                return ReadResult([], first, last)
+            cache = self._cache
+            if cache and cache[0].seq <= start:
+                i = start - cache[0].seq  # seqs in the cache are contiguous
+                return ReadResult(
+                    [cache[j] for j in range(i, min(i + limit, len(cache)))], first, last
+                )
+            starts = [s.first_seq for s in self._segments]
+            k = bisect.bisect_right(starts, start) - 1
+            segment = self._segments[k]
+            if segment.index is None:
+                segment.index = self._build_index(segment)
+            keys = [s for s, _ in segment.index]
+            j = bisect.bisect_right(keys, start) - 1
+            offset = segment.index[j][1] if j >= 0 else 0
+            path, size = segment.path, segment.size
+        # The file read happens outside the lock: the agent's appends never wait for it.
+        out: list[Alert] = []
+        try:
+            with path.open("rb") as f:
+                f.seek(offset)
+                data = f.read(max(0, size - offset))
+        except FileNotFoundError:  # retention removed it meanwhile: the caller retries
+            return ReadResult([], self.first_seq, last)
+        for line in data.splitlines():
+            alert = decode(line)
+            if alert.seq >= start:
+                out.append(alert)
+                if len(out) >= limit:
+                    break
+        return ReadResult(out, first, last)
+
+    @staticmethod
+    def _build_index(segment: _Segment) -> list[tuple[int, int]]:
+        index: list[tuple[int, int]] = []
+        data = segment.path.read_bytes()[: segment.size]
+        pos = 0
+        n = 0
+        for line in data.splitlines(keepends=True):
+            if n % INDEX_EVERY == 0:
+                index.append((int(orjson.loads(line)["seq"]), pos))
+            pos += len(line)
+            n += 1
+        segment.count = n
+        return index
