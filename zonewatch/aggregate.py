@@ -67,6 +67,7 @@ def fill_kvm(stats: ZoneStats, window: ZoneKvm, seconds: float) -> None:
 def fill_sched(stats: ZoneStats, window: ZoneSched, seconds: float) -> None:
     stats.run_delay_p50_us = (window.run_delay_p50_ns() or 0.0) / NS_PER_US
     stats.run_delay_p99_us = (window.run_delay_p99_ns() or 0.0) / NS_PER_US
+    stats.run_delay_pct = 100.0 * window.run_delay_total.ns / (seconds * 1e9)
     stats.cpu_pct = 100.0 * window.cpu_ns / (seconds * 1e9)
 
 

@@ -7,7 +7,7 @@ yields exactly that shape.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -305,6 +305,7 @@ class ZoneStats:
     # sched
     run_delay_p50_us: float = 0.0
     run_delay_p99_us: float = 0.0
+    run_delay_pct: float = 0.0  # share of the interval vCPUs were runnable but waiting (steal)
     cpu_pct: float = 0.0  # of one CPU, summed over the zone's vCPU threads
     # net
     rx_bytes_per_s: float = 0.0
@@ -347,6 +348,7 @@ class ZoneStats:
             "sched": {
                 "run_delay_p50_us": _r(self.run_delay_p50_us),
                 "run_delay_p99_us": _r(self.run_delay_p99_us),
+                "run_delay_pct": _r(self.run_delay_pct),
                 "cpu_pct": _r(self.cpu_pct),
             },
             "net": {
@@ -369,3 +371,351 @@ def _r(rate: float) -> float:
 
 def _rd(rates: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in rates.items()}
+
+
+@dataclass(slots=True)
+class NetEvent:
+    """A flow starting or ending on a zone's tap, or a DNS query it sent (channel `net`).
+
+    Flows are seen from the zone's side: `direction` is "egress" when the zone opened the
+    flow (src is the zone), "ingress" when it was opened towards the zone (dst is the zone);
+    for a DNS query, the packet's direction. tx is what the zone sent, rx what it was sent.
+    """
+
+    ts_ns: int
+    zone: ZoneRef
+    op: str  # flow_start, flow_end, dns
+    direction: str  # egress, ingress (from the zone's point of view)
+    proto: str  # tcp, udp, icmp, icmpv6, or the IP protocol number
+    src_ip: str
+    dst_ip: str
+    src_port: int = 0  # ICMP echo: the identifier; other ICMP: type << 8 | code in dst_port
+    dst_port: int = 0
+    bytes: int = 0  # IP bytes both ways, headers included
+    packets: int = 0
+    tx_bytes: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    rx_packets: int = 0
+    tx_payload: int = 0  # L4 payload bytes the zone sent (headers aside)
+    rx_payload: int = 0
+    tcp_flags: tuple[str, ...] = ()  # every flag seen so far, e.g. ("SYN", "ACK", "FIN")
+    end_reason: str = ""  # flow_end: fin, rst or idle
+    duration_s: float = 0.0
+    tap: str = ""
+    dns_qname: str = ""  # non-printable bytes escaped as \DDD
+    dns_qtype: str = ""  # A, AAAA, ... or TYPEnnn
+    dns_error: str = ""  # why the question did not parse ("" when it did)
+
+    channel = "net"
+
+    def to_json(self) -> dict[str, Any]:
+        net: dict[str, Any] = {
+            "src_ip": self.src_ip,
+            "dst_ip": self.dst_ip,
+            "src_port": self.src_port,
+            "dst_port": self.dst_port,
+            "proto": self.proto,
+            "direction": self.direction,
+            "bytes": self.bytes,
+            "packets": self.packets,
+            "tx_bytes": self.tx_bytes,
+            "rx_bytes": self.rx_bytes,
+            "tx_packets": self.tx_packets,
+            "rx_packets": self.rx_packets,
+            "tx_payload": self.tx_payload,
+            "rx_payload": self.rx_payload,
+            "tcp_flags": list(self.tcp_flags),
+        }
+        if self.tap:
+            net["tap"] = self.tap
+        if self.op == "flow_end":
+            net["end_reason"] = self.end_reason
+            net["duration_s"] = round(self.duration_s, 6)
+        if self.op == "dns":
+            net["dns_qname"] = self.dns_qname
+            net["dns_qtype"] = self.dns_qtype
+            if self.dns_error:
+                net["dns_error"] = self.dns_error
+        return {
+            "type": "event",
+            "ts": rfc3339_ns(self.ts_ns),
+            "zone": self.zone.to_json(),
+            "channel": "net",
+            "op": self.op,
+            "net": net,
+        }
+
+
+@dataclass(slots=True)
+class ProcEvent:
+    """What a zone's VMM or backend process did itself (channel `proc`): exec, fork, exit,
+    ptrace, mount, setuid, module_load, bpf, open_outside_share, connect, ..."""
+
+    ts_ns: int
+    zone: ZoneRef
+    op: str
+    pid: int
+    ppid: int = 0
+    comm: str = ""
+    tid: int = 0
+    pcomm: str = ""  # the parent's comm (for exec: the process that spawned)
+    exe: str = ""
+    args: str = ""  # the command line, space-separated (exec)
+    target: str = ""  # host path, module name or ptrace target the call acted on
+    ret: int = 0
+
+    channel = "proc"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "event",
+            "ts": rfc3339_ns(self.ts_ns),
+            "zone": self.zone.to_json(),
+            "channel": "proc",
+            "op": self.op,
+            "proc": {
+                "pid": self.pid,
+                "tid": self.tid,
+                "ppid": self.ppid,
+                "comm": self.comm,
+                "pcomm": self.pcomm,
+                "exe": self.exe,
+                "args": self.args,
+                "target": self.target,
+                "ret": self.ret,
+            },
+        }
+
+
+class GenericEvent:
+    """An event of a channel that has no class of its own here (a replayed recording
+    keeps it whole). Each channel section's keys become attributes, the event's own
+    channel first, so rules read it as they read a typed event; a missing one reads None.
+    Not slotted on purpose: its attributes are whatever the recording holds."""
+
+    def __init__(
+        self, ts_ns: int, zone: ZoneRef, channel: str, op: str, sections: dict[str, Any]
+    ) -> None:
+        self.ts_ns = ts_ns
+        self.zone = zone
+        self.channel = channel
+        self.op = op
+        self.sections = sections
+        for name in sorted(sections, key=lambda s: s != channel):
+            for key, value in sections[name].items():
+                self.__dict__.setdefault(key, value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None  # only reached for attributes the recording did not have
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "event",
+            "ts": rfc3339_ns(self.ts_ns),
+            "zone": self.zone.to_json(),
+            "channel": self.channel,
+            "op": self.op,
+            **self.sections,
+        }
+
+
+# -- reading JSON lines back (replay, rule fixtures) --------------------------------------
+
+_EPOCH_SECONDS: dict[str, int] = {}
+_ZONE_REFS: dict[tuple[str, str, str, str], ZoneRef] = {}
+
+
+def parse_rfc3339_ns(text: str) -> int:
+    """The inverse of rfc3339_ns (also takes fewer fraction digits and a +00:00 suffix).
+    Whole seconds are memoised: a recording's lines share them, and parsing dominates."""
+    text = text.removesuffix("Z").removesuffix("+00:00")
+    base, _, frac = text.partition(".")
+    seconds = _EPOCH_SECONDS.get(base)
+    if seconds is None:
+        seconds = int(datetime.fromisoformat(base).replace(tzinfo=UTC).timestamp())
+        if len(_EPOCH_SECONDS) > 100_000:
+            _EPOCH_SECONDS.clear()
+        _EPOCH_SECONDS[base] = seconds
+    nanos = int(frac[:9].ljust(9, "0")) if frac else 0
+    return seconds * 1_000_000_000 + nanos
+
+
+def zone_ref_from_json(obj: dict[str, Any]) -> ZoneRef:
+    key = (
+        str(obj.get("id", "")),
+        str(obj.get("name", "")),
+        str(obj.get("tenant", DEFAULT_TENANT)),
+        str(obj.get("vmm", "")),
+    )
+    ref = _ZONE_REFS.get(key)
+    if ref is None:
+        if len(_ZONE_REFS) > 100_000:
+            _ZONE_REFS.clear()
+        ref = _ZONE_REFS[key] = ZoneRef(*key)
+    return ref
+
+
+def file_event_from_json(obj: dict[str, Any]) -> FileEvent:
+    f = obj.get("file") or {}
+    p = obj.get("proc") or {}
+    return FileEvent(
+        ts_ns=parse_rfc3339_ns(obj["ts"]),
+        zone=zone_ref_from_json(obj.get("zone") or {}),
+        op=str(obj.get("op", "")),
+        path=str(f.get("path", "")),
+        host_path=str(f.get("host_path", "")),
+        pid=int(p.get("pid", 0)),
+        tid=int(p.get("tid", 0)),
+        comm=str(p.get("comm", "")),
+        ret=int(f.get("ret", 0)),
+        new_path=str(f.get("new_path", "")),
+        new_host_path=str(f.get("new_host_path", "")),
+        flags=int(f.get("flags", 0)),
+        mode=int(f.get("mode", 0)),
+        bytes_read=int(f.get("bytes_read", 0)),
+        bytes_written=int(f.get("bytes_written", 0)),
+        share=str(f.get("share", "")),
+    )
+
+
+def proc_event_from_json(obj: dict[str, Any]) -> ProcEvent:
+    p = obj.get("proc") or {}
+    return ProcEvent(
+        ts_ns=parse_rfc3339_ns(obj["ts"]),
+        zone=zone_ref_from_json(obj.get("zone") or {}),
+        op=str(obj.get("op", "")),
+        pid=int(p.get("pid", 0)),
+        ppid=int(p.get("ppid", 0)),
+        comm=str(p.get("comm", "")),
+        tid=int(p.get("tid", 0)),
+        pcomm=str(p.get("pcomm", "")),
+        exe=str(p.get("exe", "")),
+        args=str(p.get("args", "")),
+        target=str(p.get("target", "")),
+        ret=int(p.get("ret", 0)),
+    )
+
+
+def kvm_event_from_json(obj: dict[str, Any]) -> KvmEvent:
+    k = obj.get("kvm") or {}
+    p = obj.get("proc") or {}
+    code = k.get("msr", k.get("hypercall_nr", 0))
+    return KvmEvent(
+        ts_ns=parse_rfc3339_ns(obj["ts"]),
+        zone=zone_ref_from_json(obj.get("zone") or {}),
+        op=str(obj.get("op", "")),
+        pid=int(p.get("pid", 0)),
+        tid=int(p.get("tid", 0)),
+        comm=str(p.get("comm", "")),
+        code=int(code, 0) if isinstance(code, str) else int(code),
+        args=tuple(int(a, 0) if isinstance(a, str) else int(a) for a in k.get("args", ())),
+        faulted=bool(k.get("faulted", False)),
+    )
+
+
+def net_event_from_json(obj: dict[str, Any]) -> NetEvent:
+    n = obj.get("net") or {}
+    return NetEvent(
+        ts_ns=parse_rfc3339_ns(obj["ts"]),
+        zone=zone_ref_from_json(obj.get("zone") or {}),
+        op=str(obj.get("op", "")),
+        direction=str(n.get("direction", "")),
+        proto=str(n.get("proto", "")),
+        src_ip=str(n.get("src_ip", "")),
+        dst_ip=str(n.get("dst_ip", "")),
+        src_port=int(n.get("src_port", 0)),
+        dst_port=int(n.get("dst_port", 0)),
+        bytes=int(n.get("bytes", 0)),
+        packets=int(n.get("packets", 0)),
+        tx_bytes=int(n.get("tx_bytes", 0)),
+        rx_bytes=int(n.get("rx_bytes", 0)),
+        tx_packets=int(n.get("tx_packets", 0)),
+        rx_packets=int(n.get("rx_packets", 0)),
+        tx_payload=int(n.get("tx_payload", 0)),
+        rx_payload=int(n.get("rx_payload", 0)),
+        tcp_flags=tuple(str(f) for f in n.get("tcp_flags", ())),
+        end_reason=str(n.get("end_reason", "")),
+        duration_s=float(n.get("duration_s", 0.0)),
+        tap=str(n.get("tap", "")),
+        dns_qname=str(n.get("dns_qname", "")),
+        dns_qtype=str(n.get("dns_qtype", "")),
+        dns_error=str(n.get("dns_error", "")),
+    )
+
+
+def generic_event_from_json(obj: dict[str, Any]) -> GenericEvent:
+    skip = {"type", "ts", "zone", "channel", "op"}
+    sections = {k: v for k, v in obj.items() if k not in skip and isinstance(v, dict)}
+    return GenericEvent(
+        parse_rfc3339_ns(obj["ts"]),
+        zone_ref_from_json(obj.get("zone") or {}),
+        str(obj.get("channel", "")),
+        str(obj.get("op", "")),
+        sections,
+    )
+
+
+def zone_stats_from_json(obj: dict[str, Any]) -> ZoneStats:
+    k = obj.get("kvm") or {}
+    s = obj.get("sched") or {}
+    n = obj.get("net") or {}
+
+    def rates(d: Any) -> dict[str, float]:
+        return {str(key): float(v) for key, v in (d or {}).items()}
+
+    return ZoneStats(
+        ts_ns=parse_rfc3339_ns(obj["ts"]),
+        zone=zone_ref_from_json(obj.get("zone") or {}),
+        interval_s=float(obj.get("interval_s", 1.0)),
+        vcpus=int(k.get("vcpus", 0)),
+        exits_per_s=float(k.get("exits_per_s", 0.0)),
+        exits_by_reason=rates(k.get("exits_by_reason")),
+        userspace_exits_per_s=float(k.get("userspace_exits_per_s", 0.0)),
+        pio_per_s=float(k.get("pio_per_s", 0.0)),
+        mmio_per_s=float(k.get("mmio_per_s", 0.0)),
+        hypercalls_per_s=float(k.get("hypercalls_per_s", 0.0)),
+        msr_writes_per_s=float(k.get("msr_writes_per_s", 0.0)),
+        pio_ports=rates(k.get("pio_ports")),
+        mmio_pages=rates(k.get("mmio_pages")),
+        exit_latency_p99_us=float(k.get("exit_latency_p99_us", 0.0)),
+        run_delay_p50_us=float(s.get("run_delay_p50_us", 0.0)),
+        run_delay_p99_us=float(s.get("run_delay_p99_us", 0.0)),
+        cpu_pct=float(s.get("cpu_pct", 0.0)),
+        rx_bytes_per_s=float(n.get("rx_bytes_per_s", 0.0)),
+        tx_bytes_per_s=float(n.get("tx_bytes_per_s", 0.0)),
+        rx_packets_per_s=float(n.get("rx_packets_per_s", 0.0)),
+        tx_packets_per_s=float(n.get("tx_packets_per_s", 0.0)),
+        new_flows_per_s=float(n.get("new_flows_per_s", 0.0)),
+        malformed_per_s=float(n.get("malformed_per_s", 0.0)),
+        file_ops_per_s=float((obj.get("file") or {}).get("ops_per_s", 0.0)),
+        open_alerts=int((obj.get("alerts") or {}).get("open", 0)),
+    )
+
+
+# channel -> decoder of its `event` lines; channels not named here become GenericEvent.
+# (A channel that gets its own event class registers its decoder here.)
+EVENT_DECODERS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "file": file_event_from_json,
+    "proc": proc_event_from_json,
+    "kvm": kvm_event_from_json,
+    "net": net_event_from_json,
+}
+
+
+def record_from_json(obj: dict[str, Any]) -> Any:
+    """One JSON line back into its record: an event, ZoneStats or Lost (None for alerts
+    and unknown types). Raises KeyError/ValueError/TypeError on a malformed line."""
+    kind = obj.get("type")
+    if kind == "event":
+        decode: Callable[[dict[str, Any]], Any] = EVENT_DECODERS.get(
+            str(obj.get("channel", "")), generic_event_from_json
+        )
+        return decode(obj)
+    if kind == "stats":
+        return zone_stats_from_json(obj)
+    if kind == "lost":
+        return Lost(parse_rfc3339_ns(obj["ts"]), str(obj["source"]), int(obj["count"]))
+    return None

@@ -80,6 +80,7 @@ def describe(name: str, z: ZoneSched, seconds: float) -> str:
     p50, p99 = z.run_delay_p50_ns(), z.run_delay_p99_ns()
     return (
         f"{name}: {z.run_delay.count} waits, p50 {p50 or 0:.0f} ns, p99 {p99 or 0:.0f} ns, "
+        f"waiting {z.run_delay_total.ns / 1e9 / seconds:.1%}, "
         f"vCPU on CPU {z.vcpu_oncpu.ns / 1e9 / seconds:.0%}"
     )
 
@@ -115,11 +116,17 @@ def test_a_hog_on_the_vcpu_core_raises_run_delay(probe: SchedProbe, vm: MicroVmP
     report = describe("unloaded", quiet, quiet_s) + "; " + describe("loaded", loaded, loaded_s)
     print(report)
     loaded_p99 = loaded.run_delay_p99_ns()
-    quiet_p99 = quiet.run_delay_p99_ns() or 0.0
     assert loaded_p99 is not None, report
     assert loaded.run_delay.count >= 50, report  # the hog preempted the vCPU again and again
     assert loaded_p99 >= 1_000_000, report  # waits of a scheduler slice: milliseconds
-    assert loaded_p99 >= 2 * quiet_p99, report
+    # The noisy-neighbour signal: the share of time the vCPU spent runnable but waiting.
+    # (p99 of single waits alone is a poor baseline here: a flat-out vCPU waits only when
+    # something preempts it, so an unloaded window holds a few dozen waits and its p99 is
+    # the one worst preemption by whatever else the machine runs.)
+    quiet_steal = quiet.run_delay_total.ns / quiet_s
+    loaded_steal = loaded.run_delay_total.ns / loaded_s
+    assert loaded_steal >= 4 * quiet_steal, report
+    assert loaded_p99 >= 20 * (quiet.run_delay_p50_ns() or 0.0), report
     # The hog took about half of the core from the vCPU.
     assert loaded.vcpu_oncpu.ns / loaded_s < 0.75 * quiet.vcpu_oncpu.ns / quiet_s, report
     # The counters add up: the histogram holds every wait the totals counted.
