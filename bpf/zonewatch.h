@@ -15,6 +15,7 @@
 enum zw_record_type {
 	ZW_REC_FILE = 1,
 	ZW_REC_KVM = 2,  /* struct zw_kvm_event (bpf/kvm.c) */
+	ZW_REC_NET = 3,  /* struct zw_net_event (bpf/net.c) */
 };
 
 /* File operations (zw_file_event.op). */
@@ -225,6 +226,81 @@ struct zw_wait_state {
 	__u64 since_ns;   /* became runnable (woken, or preempted while runnable) */
 	__u32 zone_key;
 	__u32 _pad;
+};
+
+/* ==== net channel (bpf/net.c) ====
+ *
+ * tc clsact programs on each zone's tap. A flow is keyed from the zone's point of view
+ * (local = the zone's end), so a connection and its replies are one flow. Packets are
+ * guest-controlled: whatever does not parse is counted in zw_net_counters, never trusted.
+ */
+
+#define ZW_DNS_MAX 512  /* a power of 2; up to ZW_DNS_MAX - 1 bytes of a DNS query are copied */
+
+/* Direction of a packet, from the zone's point of view (index into the [2] arrays - 1). */
+enum zw_net_dir {
+	ZW_NET_EGRESS = 1,   /* the zone sent it (tc ingress on the host's tap) */
+	ZW_NET_INGRESS = 2,  /* sent to the zone (tc egress on the host's tap) */
+};
+
+/* What a net record reports (zw_net_event.op). */
+enum zw_net_op {
+	ZW_NET_FLOW_START = 1,  /* the first packet of a flow the table did not hold */
+	ZW_NET_FLOW_END = 2,    /* TCP FIN both ways, or RST (idle flows end in user space) */
+	ZW_NET_DNS = 3,         /* a DNS query (UDP to port 53, QR clear): message in `dns` */
+};
+
+/* zw_flow_stats.state bits. */
+#define ZW_FLOW_FIN_EGRESS 1   /* the zone sent a FIN */
+#define ZW_FLOW_FIN_INGRESS 2  /* the zone was sent a FIN */
+#define ZW_FLOW_ENDED 4        /* a FLOW_END record was sent for this flow */
+
+struct zw_flow_key {
+	__u32 zone_key;
+	__u8 family;        /* 4 or 6 */
+	__u8 proto;         /* IPPROTO_*: TCP, UDP, ICMP, ICMPV6, or another (ports 0) */
+	__u16 local_port;   /* the zone's end, host order; ICMP echo: the identifier */
+	__u16 remote_port;  /* ICMP other than echo: type << 8 | code */
+	__u16 _pad;
+	__u8 local_ip[16];  /* IPv4 in the first 4 bytes, the rest zero */
+	__u8 remote_ip[16];
+};
+
+/* A flow's totals; [0] is what the zone sent, [1] what it was sent. */
+struct zw_flow_stats {
+	__u64 first_ns;     /* CLOCK_MONOTONIC */
+	__u64 last_ns;
+	__u64 bytes[2];     /* IP bytes, headers included */
+	__u64 packets[2];
+	__u64 payload[2];   /* L4 payload bytes (TCP/UDP data, ICMP after its 8-byte header) */
+	__u32 ifindex;
+	__u32 initiator;    /* enum zw_net_dir of the first packet seen */
+	__u64 tcp_flags;    /* every TCP flag seen, OR-ed (64 bits: bcc's BPF has 64-bit atomics) */
+	__u64 state;        /* ZW_FLOW_* bits */
+};
+
+/* A zone's packet counters (per-CPU map keyed by zone key); [0]/[1] as in zw_flow_stats. */
+struct zw_net_counters {
+	__u64 bytes[2];     /* frame bytes, L2 header included */
+	__u64 packets[2];
+	__u64 new_flows;
+	__u64 dns_queries;
+	__u64 malformed;    /* headers that contradict themselves (version, IHL, lengths, offsets) */
+	__u64 truncated;    /* headers cut short by the end of the frame */
+	__u64 fragments;    /* IP fragments: counted, not parsed into flows */
+	__u64 other;        /* neither IPv4 nor IPv6 (ARP, VLAN-tagged), or IPv6 extension
+			       chains longer than the program walks */
+};
+
+struct zw_net_event {
+	struct zw_hdr hdr;  /* pid, tid, comm: zero (packets have no process here) */
+	__u32 op;           /* enum zw_net_op */
+	__u16 dir;          /* enum zw_net_dir of the packet that made the record */
+	__u16 dns_len;      /* bytes of `dns` filled (the UDP payload, at most ZW_DNS_MAX - 1) */
+	struct zw_flow_key key;
+	__u32 _pad;
+	struct zw_flow_stats flow;  /* the flow's totals when the record was made */
+	__u8 dns[ZW_DNS_MAX];       /* ZW_NET_DNS: the message from its header on; else zero */
 };
 
 #endif /* ZONEWATCH_H */

@@ -18,6 +18,7 @@ from typing import Any, Protocol, cast
 from zonewatch.model import Zone, ZoneStats
 from zonewatch.probes.base import Probe
 from zonewatch.probes.kvm_stats import KvmSnapshot, ZoneKvm
+from zonewatch.probes.net import fill_net
 from zonewatch.probes.records import KvmCounter
 from zonewatch.probes.sched import SchedSnapshot, ZoneSched
 
@@ -78,7 +79,7 @@ def _top(rates: dict[str, float]) -> dict[str, float]:
 
 
 # How each counting probe's window lands in ZoneStats, by probe name.
-FILLERS: dict[str, Filler] = {"kvm": fill_kvm, "sched": fill_sched}
+FILLERS: dict[str, Filler] = {"kvm": fill_kvm, "sched": fill_sched, "net": fill_net}
 
 
 @dataclass(slots=True)

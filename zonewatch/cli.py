@@ -114,13 +114,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from zonewatch.exporters.jsonl import JsonlSink
     from zonewatch.probes.file import FileProbe
     from zonewatch.probes.kvm import KvmProbe
+    from zonewatch.probes.net import NetProbe
     from zonewatch.probes.sched import SchedProbe
 
     inventory = _inventory(args)
     sinks = [JsonlSink(args.jsonl)] if args.jsonl else []
     agent = Agent(
         inventory,
-        [FileProbe(), KvmProbe(), SchedProbe()],
+        [FileProbe(), KvmProbe(), SchedProbe(), NetProbe()],
         sinks,
         AgentOptions(
             emit_events=args.events,

@@ -15,11 +15,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from zonewatch.model import FileEvent, KvmEvent, Share, Zone
-from zonewatch.probes.records import FileOp, FileRecord, KvmOp, KvmRecord, ZoneRecord
+from zonewatch.model import FileEvent, KvmEvent, NetEvent, Share, Zone
+from zonewatch.probes.net import net_event
+from zonewatch.probes.records import (
+    FileOp,
+    FileRecord,
+    KvmOp,
+    KvmRecord,
+    NetRecord,
+    ZoneRecord,
+)
 
 # What attribution hands on: one typed event per record.
-Event = FileEvent | KvmEvent
+Event = FileEvent | KvmEvent | NetEvent
 
 AT_FDCWD = -100
 AT_REMOVEDIR = 0x200
@@ -240,6 +248,8 @@ class Attribution:
                 event = self.files.build(rec, zone)
             elif isinstance(rec, KvmRecord):
                 event = kvm_event(rec, zone, self.files.clock)
+            elif isinstance(rec, NetRecord):
+                event = net_event(rec, zone, self.files.clock.wall(rec.ts_mono_ns))
             else:
                 stats.unknown += 1
                 continue

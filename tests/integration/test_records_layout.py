@@ -10,6 +10,7 @@ import pytest
 
 from zonewatch.probes.file import FileProbe
 from zonewatch.probes.kvm import KvmProbe
+from zonewatch.probes.net import NetProbe
 from zonewatch.probes.records import MIRRORS
 from zonewatch.probes.sched import SchedProbe
 
@@ -17,7 +18,7 @@ from zonewatch.probes.sched import SchedProbe
 @pytest.fixture(scope="module")
 def programs() -> Iterator[dict[str, Any]]:
     """Every compiled program by its probe's name (the structs live in different ones)."""
-    probes = [FileProbe(), KvmProbe(), SchedProbe()]
+    probes = [FileProbe(), KvmProbe(), SchedProbe(), NetProbe()]
     try:
         for probe in probes:
             probe.attach()
@@ -45,6 +46,10 @@ COMPILED = [
     ("sched:zw_sum", "totals", "Leaf"),
     ("sched:zw_hist_key", "hist", "Key"),
     ("sched:zw_wait_state", "waiting", "Leaf"),
+    ("net:zw_flow_key", "flows", "Key"),
+    ("net:zw_flow_stats", "flows", "Leaf"),
+    ("net:zw_net_counters", "counters", "Leaf"),
+    ("net:zw_net_event", "scratch", "Leaf"),
 ]
 
 
@@ -79,7 +84,7 @@ def test_mirror_matches_compiled(
     assert layout(mirror) == layout(compiled)
 
 
-@pytest.mark.parametrize("program", ["file", "kvm"])
+@pytest.mark.parametrize("program", ["file", "kvm", "net"])
 def test_header_mirror_matches_compiled(programs: dict[str, Any], program: str) -> None:
     event = compiled_type(programs[program], "scratch", "Leaf")
     hdr_type = {name: t for name, t, *_ in event._fields_}["hdr"]
