@@ -148,3 +148,32 @@ def test_zones_json_lists_lab_zones_and_drops_stopped_ones(
     listed = {z["name"]: z for z in zones_json(tenants)}
     assert zones[0].name not in listed
     assert zones[1].name in listed
+
+
+def test_a_zone_that_boots_and_stops_while_the_agent_runs(tmp_path: Path) -> None:
+    """The inventory follows zones that come and go under a running agent: a zone booted
+    after the agent attached is watched within a second of its QEMU appearing, and once it
+    stops it leaves the kernel filter (its pid is no zone any more)."""
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(TENANTS)
+    with AgentProcess(
+        tmp_path, "--events", "--tenants", str(tenants), "--share-mount", "share=/mnt/share"
+    ) as agent:
+        spec = ZoneSpec("e2e-acme-late", "acme", WORKLOAD.format(n="late"), index=43)
+        with QemuZone(spec) as zone:
+            agent.wait_log(f"zone up: {spec.name}", timeout=5)
+            zone.wait_ready(timeout=90)
+            (zone.share_dir / "go").write_text("")
+            assert zone.wait_workload_exit(timeout=60) == 0
+            agent.wait_for(
+                lambda lines: any(e["op"] == "rmdir" for e in file_events(lines, spec.name)),
+                timeout=30,
+                what="the late zone's rmdir",
+            )
+            pid = zone.pid
+        agent.wait_log(f"zone gone: {spec.name} (pid {pid})", timeout=5)
+    events = file_events(agent.lines, spec.name)
+    assert {e["zone"]["tenant"] for e in events} == {"acme"}
+    assert ("create", "/mnt/share/late-dir/notes.txt") in [
+        (e["op"], e["file"]["path"]) for e in events
+    ]
