@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--events", action="store_true", help="also emit every raw event")
     run.add_argument("--duration", metavar="S", type=_positive_float, help="stop after S seconds")
     run.add_argument(
+        "--flow-idle",
+        metavar="S",
+        type=_positive_float,
+        default=30.0,
+        help="a flow quiet for S seconds has ended (default 30)",
+    )
+    run.add_argument(
         "--stats-interval",
         metavar="S",
         type=_positive_float,
@@ -121,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sinks = [JsonlSink(args.jsonl)] if args.jsonl else []
     agent = Agent(
         inventory,
-        [FileProbe(), KvmProbe(), SchedProbe(), NetProbe()],
+        [FileProbe(), KvmProbe(), SchedProbe(), NetProbe(idle_timeout_s=args.flow_idle)],
         sinks,
         AgentOptions(
             emit_events=args.events,
