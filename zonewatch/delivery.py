@@ -10,13 +10,18 @@ WatchStats and ListZones) and to the sinks that want them (Prometheus, OTLP metr
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from zonewatch.exporters.base import JsonRecord, Sink
 from zonewatch.journal import Journal
 from zonewatch.model import Alert, Zone, ZoneStats
+
+if TYPE_CHECKING:
+    from zonewatch.exporters.prometheus import PrometheusSink
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,8 @@ class Delivery:
         self.sinks = list(sinks)
         self.server = server
         self.counters = DeliveryCounters()
+        self.prometheus: PrometheusSink | None = None  # for the agent's health callback
+        self.tmp: tempfile.TemporaryDirectory[str] | None = None
         self._closed = False
 
     def publish(self, alerts: Sequence[Alert]) -> None:
@@ -112,3 +119,148 @@ class Delivery:
             except Exception:
                 log.exception("sink %s: shutdown failed", getattr(sink, "name", sink))
         self.journal.close()
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+    def health(self) -> dict[str, Any]:
+        """Queue depths and counters for /metrics (read from any thread)."""
+        depths: dict[str, int] = {}
+        subscribers = 0
+        if self.server is not None:
+            queue_depths = getattr(self.server.hub, "queue_depths", None)
+            if queue_depths is not None:
+                sizes = queue_depths()
+                subscribers = len(sizes)
+                depths["grpc_subscribers_max"] = max(sizes, default=0)
+                depths["grpc_subscribers_total"] = sum(sizes)
+        otlp_dropped = 0
+        for sink in self.sinks:
+            h = getattr(sink, "health", None)
+            if h is not None and hasattr(h, "failed"):
+                otlp_dropped += sum(h.failed.values()) + h.queue_dropped
+        return {
+            "queue_depths": depths,
+            "subscribers": subscribers,
+            "journal_last_seq": self.journal.last_seq,
+            "otlp_dropped": otlp_dropped,
+        }
+
+
+# -- building it from the command line ---------------------------------------------------------
+
+DEFAULT_JOURNAL = "/var/lib/zonewatch/journal"
+
+
+@dataclass(slots=True)
+class DeliveryConfig:
+    journal: str | None = None  # None: DEFAULT_JOURNAL with gRPC, else a private temp dir
+    grpc: str | None = None
+    tokens: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    otlp: str | None = None
+    otlp_protocol: str | None = None
+    metrics: str | None = None
+    ocsf: str | None = None
+    queue_bound: int = 4096
+    heartbeat_s: float = 5.0
+
+
+def add_options(p: Any) -> None:
+    """The delivery options of `zonewatch run` (an argparse parser)."""
+    p.add_argument("--journal", metavar="DIR", help=f"alert journal (default {DEFAULT_JOURNAL})")
+    p.add_argument(
+        "--grpc",
+        metavar="ADDR",
+        help="gRPC listen address: unix:/PATH or HOST:PORT (default "
+        "unix:/run/zonewatch/zonewatch.sock when --tokens is given)",
+    )
+    p.add_argument("--tokens", metavar="FILE", help="bearer tokens file (YAML) for gRPC")
+    p.add_argument("--tls-cert", metavar="FILE", help="gRPC server certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="gRPC server key (PEM)")
+    p.add_argument("--tls-client-ca", metavar="FILE", help="require client certs from this CA")
+    p.add_argument(
+        "--otlp", metavar="ENDPOINT", help="OTLP collector (or set OTEL_EXPORTER_OTLP_ENDPOINT)"
+    )
+    p.add_argument(
+        "--otlp-protocol", choices=["grpc", "http/protobuf"], help="default grpc (or OTEL_*)"
+    )
+    p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus /metrics on HOST:PORT")
+    p.add_argument("--ocsf", metavar="FILE|-", help="write OCSF Detection Findings (JSON lines)")
+
+
+def config_from_args(args: Any) -> DeliveryConfig:
+    return DeliveryConfig(
+        journal=args.journal,
+        grpc=args.grpc,
+        tokens=args.tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        otlp=args.otlp,
+        otlp_protocol=args.otlp_protocol,
+        metrics=args.metrics,
+        ocsf=args.ocsf,
+    )
+
+
+def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
+    """Journal, gRPC server, OTLP/OCSF/Prometheus sinks from the options; `sinks` (the
+    agent's JSONL) receive the alerts too."""
+    from zonewatch.errors import ConfigError
+
+    if config.grpc and not config.tokens:
+        raise ConfigError("--grpc", "needs --tokens FILE (every caller needs a bearer token)")
+    otel_env = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    journal_dir = config.journal
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if journal_dir is None:
+        if config.tokens:
+            journal_dir = DEFAULT_JOURNAL
+        else:
+            # Nobody can resume without gRPC: keep the journal private to this run rather
+            # than contend for the shared one with other agents on the host.
+            tmp = tempfile.TemporaryDirectory(prefix="zonewatch-journal-")
+            journal_dir = tmp.name
+    journal = Journal(journal_dir)
+    all_sinks: list[Sink] = list(sinks)
+    try:
+        if config.ocsf:
+            from zonewatch.exporters.ocsf import OcsfSink
+
+            all_sinks.append(OcsfSink(config.ocsf))
+        if config.otlp or otel_env:
+            from zonewatch.exporters.otlp import OtlpConfig, OtlpSink
+
+            all_sinks.append(OtlpSink(OtlpConfig(config.otlp, config.otlp_protocol)))
+        prom = None
+        if config.metrics:
+            from zonewatch.exporters.prometheus import PrometheusSink
+
+            prom = PrometheusSink(config.metrics)
+            all_sinks.append(prom)
+        server = None
+        if config.tokens:
+            from zonewatch.api.auth import TokenStore
+            from zonewatch.api.server import DEFAULT_ADDRESS, GrpcServer, ServerConfig
+
+            server = GrpcServer(
+                ServerConfig(
+                    TokenStore.load(config.tokens),
+                    address=config.grpc or DEFAULT_ADDRESS,
+                    tls_cert=config.tls_cert,
+                    tls_key=config.tls_key,
+                    tls_client_ca=config.tls_client_ca,
+                    queue_bound=config.queue_bound,
+                    heartbeat_s=config.heartbeat_s,
+                ),
+                journal,
+            ).start()
+    except BaseException:
+        journal.close()
+        raise
+    delivery = Delivery(journal, all_sinks, server)
+    delivery.prometheus = prom
+    delivery.tmp = tmp
+    return delivery

@@ -121,6 +121,8 @@ class Journal:
         self._segments: list[_Segment] = []
         self._cache: deque[Alert] = deque(maxlen=self.options.cache_records)
         self._fd = -1
+        self._to_close: list[int] = []  # rolled segments' fds: the flusher fsyncs and closes
+        self._dir_dirty = False
         self._dirty = False
         self.last_seq = 0
         self.fsyncs = 0
@@ -175,12 +177,13 @@ class Journal:
         self.last_seq = seq
         self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
 
-    def _open_segment(self, first_seq: int) -> None:
+    def _open_segment(self, first_seq: int, sync_dir: bool = True) -> None:
         path = self.dir / f"{first_seq:020d}{SUFFIX}"
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._segments.append(_Segment(first_seq, path, index=[]))
         self.last_seq = first_seq - 1
-        self._fsync_dir()
+        if sync_dir:
+            self._fsync_dir()
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)
@@ -235,29 +238,40 @@ class Journal:
             self._dirty = False
 
     def _roll_locked(self) -> None:
-        self._fsync_locked()
-        os.close(self._fd)
-        self._open_segment(self.last_seq + 1)
+        # The flusher fsyncs and closes the old file and fsyncs the directory: a roll costs
+        # the appending thread an open(), not two fsyncs.
+        if self._dirty:
+            self._to_close.append(self._fd)
+        else:
+            os.close(self._fd)
+        self._dirty = False
+        self._open_segment(self.last_seq + 1, sync_dir=False)
+        self._dir_dirty = True
 
-    def _retain_locked(self) -> None:
+    def _retain_locked(self, by_age: bool = False) -> None:
+        """Drops whole old segments while over max_bytes (checked in memory on every append)
+        or, with by_age, older than max_age_s (the flusher checks that each second)."""
         opts = self.options
         total = sum(s.size for s in self._segments)
         horizon = time.time() - opts.max_age_s
-        dropped = False
         while len(self._segments) > 1:
             oldest = self._segments[0]
-            try:
-                mtime = oldest.path.stat().st_mtime
-            except FileNotFoundError:
-                mtime = 0.0
-            if total <= opts.max_bytes and mtime >= horizon:
-                break
+            if total <= opts.max_bytes:
+                if not by_age:
+                    break
+                try:
+                    if oldest.path.stat().st_mtime >= horizon:
+                        break
+                except FileNotFoundError:
+                    pass
             oldest.path.unlink(missing_ok=True)
             total -= oldest.size
             self._segments.pop(0)
-            dropped = True
-        if dropped:
-            self._fsync_dir()
+            self._dir_dirty = True
+
+    def enforce_retention(self) -> None:
+        with self._lock:
+            self._retain_locked(by_age=True)
 
     def sync(self) -> None:
         with self._lock:
@@ -265,23 +279,41 @@ class Journal:
 
     def _flush_loop(self) -> None:
         # Bounds the time an alert stays written but not fsynced when appends pause.
+        next_age_check = 0.0
         while not self._closed.wait(self.options.fsync_interval_s):
-            with self._lock:
-                if not self._dirty or self._fd < 0:
-                    continue
+            if time.monotonic() >= next_age_check:
+                self.enforce_retention()
+                next_age_check = time.monotonic() + 1.0
+            self._flush_once()
+
+    def _flush_once(self) -> None:
+        with self._lock:
+            to_close, self._to_close = self._to_close, []
+            sync_dir, self._dir_dirty = self._dir_dirty, False
+            fd = -1
+            if self._dirty and self._fd >= 0:
                 self._dirty = False
                 fd = os.dup(self._fd)  # a roll may close the original meanwhile
+        # Outside the lock: appends go on during the fsyncs.
+        for old in to_close:
+            os.fsync(old)
+            os.close(old)
+            self.fsyncs += 1
+        if fd >= 0:
             try:
-                os.fsync(fd)  # outside the lock: appends go on during the fsync
+                os.fsync(fd)
                 self.fsyncs += 1
             finally:
                 os.close(fd)
+        if sync_dir:
+            self._fsync_dir()
 
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
         self._flusher.join()
+        self._flush_once()
         with self._lock:
             if self._fd >= 0:
                 self._fsync_locked()

@@ -44,8 +44,10 @@ class Filter:
         )
 
 
-def open_channel(address: str, tls: TlsOptions | None = None) -> grpc.Channel:
-    options: list[tuple[str, Any]] = [("grpc.max_reconnect_backoff_ms", 1000)]
+def open_channel(
+    address: str, tls: TlsOptions | None = None, options: Iterable[tuple[str, Any]] = ()
+) -> grpc.Channel:
+    options = [("grpc.max_reconnect_backoff_ms", 1000), *options]
     if tls is None or tls.ca is None:
         return grpc.insecure_channel(address, options=options)
     creds = grpc.ssl_channel_credentials(

@@ -76,8 +76,9 @@ def zone_pb(zone: Zone) -> Any:
 
 def stats_pb(stats: ZoneStats) -> Any:
     msg = pb.ZoneStats(zone=zone_ref_pb(stats.zone))
+    known = msg.DESCRIPTOR.fields_by_name
     for f in dataclasses.fields(stats):
-        if f.name in STATS_SKIP:
+        if f.name in STATS_SKIP or f.name not in known:  # a field newer than the proto
             continue
         value = getattr(stats, f.name)
         if f.name in STATS_MAPS:
@@ -89,8 +90,9 @@ def stats_pb(stats: ZoneStats) -> Any:
 
 def stats_from_pb(msg: Any) -> ZoneStats:
     kwargs: dict[str, Any] = {}
+    known = msg.DESCRIPTOR.fields_by_name
     for f in dataclasses.fields(ZoneStats):
-        if f.name in STATS_SKIP:
+        if f.name in STATS_SKIP or f.name not in known:
             continue
         value = getattr(msg, f.name)
         kwargs[f.name] = dict(value) if f.name in STATS_MAPS else value
