@@ -22,6 +22,7 @@ from zonewatch.inventory import Inventory
 from zonewatch.model import Lost, ZoneStats
 from zonewatch.pipeline import Attribution
 from zonewatch.probes.base import Probe
+from zonewatch.rules.engine import RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Agent:
         sinks: Sequence[Sink],
         options: AgentOptions | None = None,
         on_attached: Callable[[], None] | None = None,
+        *,
+        rules: RuleSet | None = None,
     ) -> None:
         self.inventory = inventory
         self.probes = list(probes)
@@ -60,6 +63,7 @@ class Agent:
         self.counters = AgentCounters()
         self.latest_stats: list[ZoneStats] = []
         self._on_attached = on_attached
+        self.rules = rules  # alerts from events, stats and losses; reloads itself
         self._aggregator: Aggregator | None = None
 
     def run(self, stop: threading.Event) -> None:
@@ -90,6 +94,8 @@ class Agent:
             self._loop(stop)
         finally:
             self._report_loss()
+            if self.rules is not None:
+                self._export(self.rules.engine.flush())  # folded repeats still pending
             for probe in reversed(attached):
                 probe.detach()
             for sink in self.sinks:
@@ -115,6 +121,11 @@ class Agent:
                     self._aggregator.count_events(events)
                 if opts.emit_events:
                     self._export(events)
+                if self.rules is not None:
+                    self._export(self.rules.engine.process(events))
+            if self.rules is not None:
+                self.rules.maybe_reload()
+                self._export(self.rules.engine.tick())
             if now >= next_stats:
                 self._take_stats()
                 next_stats = now + opts.stats_interval
@@ -144,6 +155,8 @@ class Agent:
         self.latest_stats = self._aggregator.snapshot(list(self.inventory.zones.values()))
         if self.options.emit_stats:
             self._export(self.latest_stats)
+        if self.rules is not None:
+            self._export(self.rules.engine.process_stats(self.latest_stats))
 
     def _report_loss(self) -> None:
         """Emit a `lost` line for every source whose count grew since the last report."""
@@ -154,6 +167,8 @@ class Agent:
                 previous = self.counters.lost_reported.get(source, 0)
                 if total > previous:
                     lines.append(Lost(now, source, total - previous))
+                    if self.rules is not None:
+                        self.rules.engine.note_lost(source, total - previous, now)
                     self.counters.lost_reported[source] = total
         self._export(lines)
 

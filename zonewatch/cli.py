@@ -58,6 +58,39 @@ def _add_inventory_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_rules_commands(sub: Any) -> None:
+    """record, replay and rules (check, test, fields)."""
+    record = sub.add_parser("record", help="capture events (the agent's JSON lines) to a file")
+    _add_inventory_options(record)
+    record.add_argument("--out", metavar="FILE", required=True, help="JSON lines to append to")
+    record.add_argument(
+        "--duration", metavar="S", type=_positive_float, help="stop after S seconds"
+    )
+    record.set_defaults(flow_idle=30.0, stats_interval=1.0, no_stats=False, rules=[])
+
+    replay = sub.add_parser("replay", help="run a recording through the rules")
+    replay.add_argument("file", metavar="FILE", help="a recording (JSON lines; - for stdin)")
+    replay.add_argument("--rules", metavar="PATH", action="append", default=[],
+                        help="rule files or directories (default: rules/)")  # fmt: skip
+    replay.add_argument("--jsonl", metavar="FILE|-", default="-", help="alerts to (default -)")
+    pace = replay.add_mutually_exclusive_group()
+    pace.add_argument("--speed", metavar="X", type=_positive_float,
+                      help="replay at X times the recorded pace")  # fmt: skip
+    pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
+
+    rules = sub.add_parser("rules", help="check and test rule files")
+    rules_sub = rules.add_subparsers(
+        dest="rules_command", required=True, parser_class=OneLineParser
+    )
+    rules_check = rules_sub.add_parser("check", help="exit 0 when valid; else file:line:col: ...")
+    rules_check.add_argument("paths", metavar="PATH", nargs="+")
+    rules_test = rules_sub.add_parser("test", help="run the rules' fixtures")
+    rules_test.add_argument("paths", metavar="PATH", nargs="+")
+    rules_test.add_argument("--verbose", dest="list_all", action="store_true",
+                            help="list passing fixtures too")  # fmt: skip
+    rules_sub.add_parser("fields", help="the fields rules can name (Markdown)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="zonewatch", description="Watch VM-isolated workloads from the host."
@@ -86,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-zone stats every S seconds (default 1)",
     )
     run.add_argument("--no-stats", action="store_true", help="no `stats` lines in the output")
+    run.add_argument(
+        "--rules",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="rule files or directories (repeatable); reloaded on change and on SIGHUP",
+    )
+
+    _add_rules_commands(sub)
 
     zones = sub.add_parser("zones", help="the zones on this host now")
     _add_inventory_options(zones)
@@ -125,6 +167,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from zonewatch.probes.sched import SchedProbe
 
     inventory = _inventory(args)
+    rules = None
+    if args.rules:
+        from zonewatch.rules.engine import RuleSet
+
+        rules = RuleSet(args.rules)
     sinks = [JsonlSink(args.jsonl)] if args.jsonl else []
     agent = Agent(
         inventory,
@@ -136,6 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             duration=args.duration,
             stats_interval=args.stats_interval,
         ),
+        rules=rules,
     )
     stop = threading.Event()
 
@@ -145,8 +193,51 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if rules is not None:
+        reload_rules = rules  # the handler only sets a flag; the loop reloads
+
+        def on_hup(_signum: int, _frame: Any) -> None:
+            reload_rules.request_reload()
+
+        signal.signal(signal.SIGHUP, on_hup)
     agent.run(stop)
     return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """The agent writing every event (and stats, lost) as JSON lines: a replayable file."""
+    args.jsonl = args.out
+    args.events = True
+    return cmd_run(args)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from zonewatch.exporters.jsonl import JsonlSink
+    from zonewatch.rules.engine import RuleEngine
+    from zonewatch.rules.replay import replay
+
+    engine = RuleEngine.load(args.rules or ["rules"])
+    sink = JsonlSink(args.jsonl)
+    try:
+        if args.file == "-":
+            counters = replay(engine, sys.stdin.buffer, "<stdin>", sink.export, args.speed)
+        else:
+            with open(args.file, "rb") as stream:
+                counters = replay(engine, stream, args.file, sink.export, args.speed)
+    finally:
+        sink.shutdown()
+    log.info("replayed %d record(s): %d alert(s)", counters.records, counters.alerts)
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from zonewatch.rules import cli as rules_cli
+
+    if args.rules_command == "check":
+        return rules_cli.check_rules(args.paths, sys.stdout)
+    if args.rules_command == "test":
+        return rules_cli.run_fixtures(args.paths, sys.stdout, verbose=args.list_all)
+    return rules_cli.print_fields(sys.stdout)
 
 
 def cmd_zones(args: argparse.Namespace) -> int:
@@ -180,7 +271,15 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
     return run_doctor()
 
 
-COMMANDS = {"run": cmd_run, "zones": cmd_zones, "lab": cmd_lab, "doctor": cmd_doctor}
+COMMANDS = {
+    "run": cmd_run,
+    "zones": cmd_zones,
+    "lab": cmd_lab,
+    "doctor": cmd_doctor,
+    "record": cmd_record,
+    "replay": cmd_replay,
+    "rules": cmd_rules,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

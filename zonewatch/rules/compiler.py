@@ -5,6 +5,11 @@ top-level `channel`/`op` terms into the engine's index (the index guarantees the
 cost nothing at run time), find the channels on which every field the rule names exists,
 split the windowed/learned terms off, and build, per channel, a closure over attribute
 getters for the rest.
+
+Order matters once, on purpose: plain terms LEFT of the first windowed or learned term
+choose the events its detectors see (`x > 1000 and count(10s) >= 3`: three hot ones);
+plain terms RIGHT of it are checked afterwards (`baseline_ratio(x) > 20 and x > 1000`:
+the baseline learns from every event, the alert needs x > 1000).
 """
 
 from __future__ import annotations
@@ -129,6 +134,10 @@ class Stateful:
     learned: tuple[tuple[str, Learned], ...]
     checks: tuple[tuple[str, Callable[[Any], bool]], ...]
     learn_ns: int
+    # Plain terms written right of the first windowed or learned term: checked on the
+    # event after the detectors saw it, so `baseline_ratio(x) > 20 and x > 1000` learns
+    # from every snapshot and still only fires above 1000.
+    post: Pred = field(default=lambda _e: True)
     born: dict[Key, int] = field(default_factory=dict)  # when each key was first seen
 
     def observe(self, key: Key, ts: int, event: Any) -> dict[str, Any] | None:
@@ -142,8 +151,8 @@ class Stateful:
         learning = ts - born < self.learn_ns
         for name, term in self.learned:
             values[name] = term.judge(key, ts, event, values, learning)
-        fired = True
-        for name, check in self.checks:
+        fired = self.post(event)
+        for name, check in self.checks if fired else ():
             value = values[name]
             if value is None or not check(value):
                 fired = False
@@ -377,6 +386,7 @@ class Compiler:
         ops: set[str] | None = None
         rest: list[Node] = []
         stateful: list[Node] = []
+        after: list[Node] = []  # plain terms right of the first windowed/learned one
         for c in conjuncts:
             lifted = self._lift(c)
             if lifted is not None:
@@ -394,7 +404,7 @@ class Compiler:
                         loc.where(),
                         "windowed and learned terms may only be top-level 'and' terms",
                     )
-                rest.append(c)
+                (after if stateful else rest).append(c)
 
         refs = [*_field_refs(node), *spec.by]
         for ref in refs:
@@ -418,9 +428,10 @@ class Compiler:
         if stateful:
             (only,) = channels
             state, window_ns = self._stateful(stateful, only, spec.learn_ns)
+            state.post = self.pred(_and(after), only)
             term_names = {name for name, _ in state.windows} | {n for n, _ in state.learned}
         named = {r.name for r in _field_refs(filter_node)} | {r.name for r in spec.by}
-        for c in stateful:
+        for c in stateful + after:
             named |= {r.name for r in _field_refs(c)}
         evidence_fields = sorted(named - {"channel", "zone.id"})
         plans: dict[str, Plan] = {}
