@@ -29,6 +29,7 @@ class AgentHealth:
     subscribers: int = 0
     journal_last_seq: int = 0
     otlp_dropped: int = 0
+    lost: dict[str, int] = field(default_factory=dict)  # source -> events lost so far
 
 
 # ZoneStats field -> (metric name, help, scale to base units)
@@ -104,13 +105,13 @@ class _Collector(Collector):
         for (zone, tenant, severity), n in sorted(alerts.items()):
             a.add_metric([zone, tenant, severity], n)
         yield a
+        h = s.health() if s.health else AgentHealth()
         lost_f = CounterMetricFamily(
             "zonewatch_events_lost", "Events the kernel or a queue dropped", labels=["source"]
         )
-        for source, n in sorted(lost.items()):
-            lost_f.add_metric([source], n)
+        for source in sorted(lost.keys() | h.lost.keys()):
+            lost_f.add_metric([source], max(lost.get(source, 0), h.lost.get(source, 0)))
         yield lost_f
-        h = s.health() if s.health else AgentHealth()
         yield CounterMetricFamily("zonewatch_events", "Events read from the probes", value=h.events)
         probes = GaugeMetricFamily("zonewatch_probe_attached", "Probes attached", labels=["probe"])
         for p in h.probes:

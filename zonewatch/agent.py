@@ -16,10 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from zonewatch.aggregate import Aggregator
+from zonewatch.delivery import Delivery
 from zonewatch.errors import EnvironmentProblem
 from zonewatch.exporters.base import JsonRecord, Sink
 from zonewatch.inventory import Inventory
-from zonewatch.model import Lost, ZoneStats
+from zonewatch.model import Alert, Lost, ZoneStats
 from zonewatch.pipeline import Attribution
 from zonewatch.probes.base import Probe
 from zonewatch.rules.engine import RuleSet
@@ -54,6 +55,7 @@ class Agent:
         on_attached: Callable[[], None] | None = None,
         *,
         rules: RuleSet | None = None,
+        delivery: Delivery | None = None,
     ) -> None:
         self.inventory = inventory
         self.probes = list(probes)
@@ -63,6 +65,7 @@ class Agent:
         self.counters = AgentCounters()
         self.latest_stats: list[ZoneStats] = []
         self._on_attached = on_attached
+        self.delivery = delivery  # alerts: journal first, then gRPC, OTLP and the sinks
         self.rules = rules  # alerts from events, stats and losses; reloads itself
         self._aggregator: Aggregator | None = None
 
@@ -84,6 +87,8 @@ class Agent:
                 raise EnvironmentProblem("agent", "no probe could attach on this host")
             self.probes = attached
             self._aggregator = Aggregator(attached)
+            if self.delivery is not None:
+                self.delivery.set_zones(list(self.inventory.zones.values()))
             log.info(
                 "attached %s; watching %d zone(s)",
                 ", ".join(p.name for p in attached),
@@ -100,6 +105,8 @@ class Agent:
                 probe.detach()
             for sink in self.sinks:
                 sink.shutdown()
+            if self.delivery is not None:
+                self.delivery.close()
 
     def _loop(self, stop: threading.Event) -> None:
         opts = self.options
@@ -140,6 +147,8 @@ class Agent:
         zones = list(self.inventory.zones.values())
         for probe in self.probes:
             probe.set_zones(zones)
+        if self.delivery is not None:
+            self.delivery.set_zones(zones)
         for zone in change.added:
             log.info(
                 "zone up: %s (%s, tenant %s, pid %d)", zone.name, zone.vmm, zone.tenant, zone.pid
@@ -153,6 +162,8 @@ class Agent:
         if self._aggregator is None:
             return
         self.latest_stats = self._aggregator.snapshot(list(self.inventory.zones.values()))
+        if self.delivery is not None:
+            self.delivery.publish_stats(self.latest_stats)
         if self.options.emit_stats:
             self._export(self.latest_stats)
         if self.rules is not None:
@@ -175,5 +186,10 @@ class Agent:
     def _export(self, records: Sequence[JsonRecord]) -> None:
         if not records:
             return
+        if self.delivery is not None and any(isinstance(r, Alert) for r in records):
+            # Alerts are journaled (numbered) before anyone sees them; delivery hands them
+            # to the subscribers and to every sink, the agent's JSONL included.
+            self.delivery.publish([r for r in records if isinstance(r, Alert)])
+            records = [r for r in records if not isinstance(r, Alert)]
         for sink in self.sinks:
             sink.export(records)

@@ -91,6 +91,21 @@ def _add_rules_commands(sub: Any) -> None:
     rules_sub.add_parser("fields", help="the fields rules can name (Markdown)")
 
 
+def _add_lab_commands(sub: Any) -> None:
+    lab = sub.add_parser("lab", help="real zones for demos and tests")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=OneLineParser)
+    up = lab_sub.add_parser("up", help="boot lab zones (detached)")
+    up.add_argument("--zones", type=int, default=2, metavar="N", help="how many zones (default 2)")
+    up.add_argument("--workload", metavar="FILE", help="busybox sh script each zone runs")
+    lab_sub.add_parser("down", help="stop every lab zone and remove what they left")
+    lab_sub.add_parser("status", help="the lab's zones")
+    lab_run = lab_sub.add_parser("run", help="boot one zone, run a workload, show its console")
+    lab_run.add_argument("workload", metavar="FILE", help="busybox sh script")
+    lab_run.add_argument("--name", default="zone-run")
+    lab_run.add_argument("--tenant", default="default")
+    lab_run.add_argument("--timeout", type=_positive_float, default=120.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="zonewatch", description="Watch VM-isolated workloads from the host."
@@ -133,20 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inventory_options(zones)
     zones.add_argument("--json", action="store_true", help="JSON instead of a table")
 
-    lab = sub.add_parser("lab", help="real zones for demos and tests")
-    lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=OneLineParser)
-    up = lab_sub.add_parser("up", help="boot lab zones (detached)")
-    up.add_argument("--zones", type=int, default=2, metavar="N", help="how many zones (default 2)")
-    up.add_argument("--workload", metavar="FILE", help="busybox sh script each zone runs")
-    lab_sub.add_parser("down", help="stop every lab zone and remove what they left")
-    lab_sub.add_parser("status", help="the lab's zones")
-    lab_run = lab_sub.add_parser("run", help="boot one zone, run a workload, show its console")
-    lab_run.add_argument("workload", metavar="FILE", help="busybox sh script")
-    lab_run.add_argument("--name", default="zone-run")
-    lab_run.add_argument("--tenant", default="default")
-    lab_run.add_argument("--timeout", type=_positive_float, default=120.0)
+    _add_lab_commands(sub)
+
+    audit = sub.add_parser("audit", help="isolation findings for each zone")
+    _add_inventory_options(audit)
+    audit.add_argument("--json", action="store_true", help="JSON instead of a table")
 
     sub.add_parser("doctor", help="preflight: what will and won't attach here, and why")
+    from zonewatch.delivery import add_options as add_delivery_options
+    from zonewatch.tail import add_tail_parser
+
+    add_delivery_options(run)  # --journal --grpc --tokens --tls-* --otlp --metrics --ocsf
+    add_tail_parser(sub)
     return parser
 
 
@@ -173,6 +186,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         rules = RuleSet(args.rules)
     sinks = [JsonlSink(args.jsonl)] if args.jsonl else []
+    from zonewatch import delivery as delivery_mod
+
+    # Alerts: journal, then gRPC subscribers, OTLP, OCSF, Prometheus and the JSONL sink.
+    delivery = delivery_mod.build(delivery_mod.config_from_args(args), sinks)
     agent = Agent(
         inventory,
         [FileProbe(), KvmProbe(), SchedProbe(), NetProbe(idle_timeout_s=args.flow_idle)],
@@ -200,6 +217,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             reload_rules.request_reload()
 
         signal.signal(signal.SIGHUP, on_hup)
+    agent.delivery = delivery
+    delivery_mod.watch_agent(delivery, agent)
     agent.run(stop)
     return 0
 
@@ -265,6 +284,22 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return lab_cli.main(args)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from zonewatch.audit import audit, findings_table
+
+    inventory = _inventory(args)
+    inventory.refresh()
+    findings = audit(list(inventory.zones.values()))
+    if args.json:
+        sys.stdout.buffer.write(
+            orjson.dumps([f.to_json() for f in findings], option=orjson.OPT_INDENT_2)
+        )
+        sys.stdout.write("\n")
+    else:
+        findings_table(findings, len(inventory.zones))
+    return 0
+
+
 def cmd_doctor(_args: argparse.Namespace) -> int:
     from zonewatch.doctor import run_doctor
 
@@ -276,10 +311,20 @@ COMMANDS = {
     "zones": cmd_zones,
     "lab": cmd_lab,
     "doctor": cmd_doctor,
+    "audit": cmd_audit,
     "record": cmd_record,
     "replay": cmd_replay,
     "rules": cmd_rules,
 }
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from zonewatch.tail import run_tail
+
+    return run_tail(args)
+
+
+COMMANDS["tail"] = cmd_tail
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -264,3 +264,22 @@ def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
     delivery.prometheus = prom
     delivery.tmp = tmp
     return delivery
+
+
+def watch_agent(delivery: Delivery, agent: Any) -> None:
+    """Let /metrics show the agent's own health (events in, loss, probes, queues)."""
+    prom = delivery.prometheus
+    if prom is None:
+        return
+    from zonewatch.exporters.prometheus import AgentHealth
+
+    def health() -> AgentHealth:
+        h = delivery.health()
+        return AgentHealth(
+            events=agent.counters.events,
+            probes=tuple(p.name for p in agent.probes),
+            lost=dict(agent.counters.lost_reported),
+            **h,
+        )
+
+    prom.health = health

@@ -466,3 +466,37 @@ def test_otlp_down_then_up_delivery_goes_on(tmp_path: Path, tokens_file: Path) -
         if receiver is not None:
             receiver.stop()
     assert "resumed" in (tmp_path / "source.log").read_text()
+
+
+def test_tail_reconnects_and_resumes_after_kill9(tmp_path: Path, tokens_file: Path) -> None:
+    address = f"unix:{tmp_path}/zw.sock"
+    source = Source(tmp_path, tokens_file, address, "--rate", "500")
+    out = tmp_path / "tail.jsonl"
+    with out.open("wb") as f:
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "zonewatch", "tail", "--server", address, "--json",
+             "--since-seq", "0", "--count", "2000", "--token", ACME],
+            cwd=ROOT, stdout=f, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while out.stat().st_size < 200 * 300:  # a few hundred lines printed
+            assert time.monotonic() < deadline and tail.poll() is None
+            time.sleep(0.05)  # polling a file another process writes
+        source.kill9()
+        source.stop()
+        source = Source(tmp_path, tokens_file, address, "--rate", "500")
+        _, err = tail.communicate(timeout=60)
+        assert tail.returncode == 0, err
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.communicate()
+        source.stop()
+    lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    seqs = [line["seq"] for line in lines]
+    assert len(seqs) == 2000
+    assert seqs == sorted(set(seqs))  # once each, in order
+    assert {line["zone"]["tenant"] for line in lines} == {"acme"}
+    assert seqs == list(range(1, 2 * 2000, 2))  # acme has every other seq: none missing
+    assert b"reconnecting" in err
