@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from zonewatch.aggregate import Aggregator
+from zonewatch.audit import audit
 from zonewatch.delivery import Delivery
 from zonewatch.errors import EnvironmentProblem
 from zonewatch.exporters.base import JsonRecord, Sink
@@ -68,6 +69,7 @@ class Agent:
         self.delivery = delivery  # alerts: journal first, then gRPC, OTLP and the sinks
         self.rules = rules  # alerts from events, stats and losses; reloads itself
         self._aggregator: Aggregator | None = None
+        self._findings: set[tuple[str, str, str]] = set()  # audit findings already raised
 
     def run(self, stop: threading.Event) -> None:
         self.inventory.refresh()
@@ -94,6 +96,7 @@ class Agent:
                 ", ".join(p.name for p in attached),
                 len(self.inventory.zones),
             )
+            self._audit()
             if self._on_attached:
                 self._on_attached()
             self._loop(stop)
@@ -157,6 +160,15 @@ class Agent:
             log.info("zone gone: %s (pid %d)", zone.name, zone.pid)
             for pid in zone.pids:
                 self.attribution.files.fds.forget_pid(pid)
+        self._audit()
+
+    def _audit(self) -> None:
+        """Raise each isolation finding (zonewatch.audit) once per zone, as an alert."""
+        findings = audit(list(self.inventory.zones.values()))
+        current = {(f.zone.id, f.check, f.summary): f for f in findings}
+        now = time.time_ns()
+        self._export([f.to_alert(now) for k, f in current.items() if k not in self._findings])
+        self._findings = set(current)
 
     def _take_stats(self) -> None:
         if self._aggregator is None:

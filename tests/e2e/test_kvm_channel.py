@@ -117,3 +117,12 @@ def test_busy_idle_and_a_stranger(tmp_path: Path) -> None:
         for p in x["kvm"]["pio_ports"]
     )
     assert stranger.final_stats is not None and stranger.final_stats["iterations"] > 0
+    # The isolation audit runs in the agent too: a root VMM with every capability is raised
+    # once, as an alert.
+    audits = [
+        x for x in agent.lines
+        if x["type"] == "alert" and x["rule"] == "audit.vmm-privileges"
+        and x["zone"]["name"] == "kvm-busy"
+    ]  # fmt: skip
+    assert len(audits) == 1, audits
+    assert audits[0]["severity"] == "high"
