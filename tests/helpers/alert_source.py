@@ -34,7 +34,7 @@ def zones() -> list[Zone]:
             pid=100 + i,
             start_time=1,
             vcpu_tids=(200 + i,),
-        )  # fmt: skip
+        )
         for i, r in enumerate(ZONES.values())
     ]
 
