@@ -12,6 +12,7 @@ Each alert also says how many events the probes reported lost while its window w
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ class Dedup:
     def __init__(self, losses: LossLedger) -> None:
         self.losses = losses
         self._open: dict[Hashable, _Window] = {}
+        self._ends: list[tuple[int, int, Hashable]] = []  # heap: when each window ends
+        self._serial = 0  # heap tie-breaker: keys need not be comparable
         self.folded = 0  # matches folded into a later alert
 
     def offer(
@@ -75,6 +78,8 @@ class Dedup:
         out.append(alert)
         if dedup_ns > 0:
             self._open[key] = _Window(ts_ns + dedup_ns, span_ns)
+            self._serial += 1
+            heapq.heappush(self._ends, (ts_ns + dedup_ns, self._serial, key))
         return out
 
     def _stamp(self, alert: Alert, span_ns: int) -> Alert:
@@ -96,8 +101,12 @@ class Dedup:
     def tick(self, now_ns: int) -> list[Alert]:
         """Close every window that has ended by now; their folded repeats become alerts."""
         out: list[Alert] = []
-        for key in [k for k, w in self._open.items() if w.ends_ns <= now_ns]:
-            out.extend(self._close(key, self._open[key], now_ns))
+        ends = self._ends
+        while ends and ends[0][0] <= now_ns:
+            end, _, key = heapq.heappop(ends)
+            window = self._open.get(key)
+            if window is not None and window.ends_ns == end:  # else: closed and reopened
+                out.extend(self._close(key, window, now_ns))
         return out
 
     def flush(self) -> list[Alert]:
@@ -106,6 +115,7 @@ class Dedup:
         for key in list(self._open):
             window = self._open[key]
             out.extend(self._close(key, window, window.ends_ns))
+        self._ends.clear()
         return out
 
     def __len__(self) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
+import yaml.reader
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from zonewatch.model import Severity
@@ -255,10 +256,16 @@ class Loader:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else f"{name}:1:1"
-            self.problems.append(Problem(where, f"invalid YAML: {exc.problem or exc}"))
+            message = " ".join(str(exc.problem or exc).split())
+            self.problems.append(Problem(where, f"invalid YAML: {message}"))
+            return
+        except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+            line, col = self.src.pos(exc.position)
+            self.problems.append(Problem(f"{name}:{line}:{col}", f"invalid YAML: {exc.reason}"))
             return
         except yaml.YAMLError as exc:
-            self.problems.append(Problem(f"{name}:1:1", f"invalid YAML: {exc}"))
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.problems.append(Problem(f"{name}:1:1", f"invalid YAML: {first}"))
             return
         if root is None:
             self.problems.append(Problem(f"{name}:1:1", "empty file (expected a list of items)"))
