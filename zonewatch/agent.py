@@ -10,6 +10,7 @@ no program attached once its file descriptors close.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -112,6 +113,17 @@ class Agent:
                 self.delivery.close()
 
     def _loop(self, stop: threading.Event) -> None:
+        # One wait for every probe's ring buffer: a record on any probe wakes the loop.
+        ready = select.epoll()
+        try:
+            for probe in self.probes:
+                for fd in probe.ring_fds():
+                    ready.register(fd, select.EPOLLIN)
+            self._run_until(stop, ready)
+        finally:
+            ready.close()
+
+    def _run_until(self, stop: threading.Event, ready: select.epoll) -> None:
         opts = self.options
         started = time.monotonic()
         next_scan = started + opts.scan_interval
@@ -124,8 +136,9 @@ class Agent:
             if now >= next_scan:
                 self._rescan()
                 next_scan = now + opts.scan_interval
+            ready.poll(opts.poll_ms / 1000)
             for probe in self.probes:
-                events = self.attribution.process(probe.poll(opts.poll_ms))
+                events = self.attribution.process(probe.poll(0))  # drain, never wait
                 self.counters.events += len(events)
                 if self._aggregator:
                     self._aggregator.count_events(events)

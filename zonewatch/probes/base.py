@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from zonewatch.model import Zone
-from zonewatch.probes.records import DecodeErrors, Record, ZoneRecord, decode
+from zonewatch.probes.records import ZoneRecord
 
 
 class Probe(Protocol):
@@ -17,6 +17,9 @@ class Probe(Protocol):
     def attach(self) -> None: ...
     def set_zones(self, zones: Sequence[Zone]) -> None:
         """Make the kernel filter match these zones (called on every inventory change)."""
+
+    def ring_fds(self) -> list[int]:
+        """The probe's ring-buffer map fds: readable (epoll) when records wait."""
 
     def poll(self, timeout_ms: int) -> Sequence[ZoneRecord]:
         """Records decoded from the probe's ring buffer (pipeline.Attribution knows them)."""
@@ -41,27 +44,6 @@ class ZonePidFilter:
             if self._current.get(pid) != key:
                 self._table[self._table.Key(pid)] = self._table.Leaf(key)
         self._current = dict(pids)
-
-
-class RingBufferReader:
-    """Drains one BPF ring buffer into decoded records; undecodable ones are counted."""
-
-    def __init__(self, bpf: Any, table_name: str) -> None:
-        self._bpf = bpf
-        self._batch: list[Record] = []
-        self.errors = DecodeErrors()
-        bpf[table_name.encode()].open_ring_buffer(self._on_record)
-
-    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
-        record = decode(ctypes.string_at(data, size), self.errors)
-        if record is not None:
-            self._batch.append(record)
-        return 0
-
-    def poll(self, timeout_ms: int) -> list[Record]:
-        self._bpf.ring_buffer_poll(timeout_ms)
-        batch, self._batch = self._batch, []
-        return batch
 
 
 def sum_percpu(table: Any, index: int) -> int:

@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from zonewatch.model import Zone, zone_pids
-from zonewatch.probes.base import RingBufferReader, ZonePidFilter, sum_percpu
+from zonewatch.probes.base import ZonePidFilter, sum_percpu
 from zonewatch.probes.loader import load_program, syscall_tracepoint_defines
-from zonewatch.probes.records import LostSource, Record
+from zonewatch.probes.maps import RecordRingReader
+from zonewatch.probes.records import LostSource, Record, decode
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class FileProbe:
         self._ringbuf_pages = ringbuf_pages
         self._bpf: Any = None
         self._filter: ZonePidFilter | None = None
-        self._reader: RingBufferReader | None = None
+        self._reader: RecordRingReader[Record] | None = None
         self.missing: list[str] = []
 
     def attach(self) -> None:
@@ -52,7 +53,7 @@ class FileProbe:
         cflags.append(f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}")
         self._bpf = load_program("file.c", cflags)
         self._filter = ZonePidFilter(self._bpf[b"zone_pids"])
-        self._reader = RingBufferReader(self._bpf, "events")
+        self._reader = RecordRingReader(self._bpf, "events", decode)
 
     @property
     def bpf(self) -> Any:
@@ -64,6 +65,9 @@ class FileProbe:
     def set_zone_pids(self, pids: Mapping[int, int]) -> None:
         assert self._filter is not None, "attach() first"
         self._filter.sync(pids)
+
+    def ring_fds(self) -> list[int]:
+        return [self._reader.fd] if self._reader else []
 
     def poll(self, timeout_ms: int) -> list[Record]:
         assert self._reader is not None, "attach() first"

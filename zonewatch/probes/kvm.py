@@ -150,6 +150,9 @@ class KvmProbe:
         self._retired -= keys
         self._zone_keys = keys
 
+    def ring_fds(self) -> list[int]:
+        return [self._reader.fd] if self._reader else []
+
     def poll(self, timeout_ms: int) -> list[KvmRecord]:
         assert self._reader is not None, "attach() first"
         return self._reader.poll(timeout_ms)

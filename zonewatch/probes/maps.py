@@ -66,7 +66,9 @@ class RecordRingReader(Generic[R]):
         self._decoder = decoder
         self._batch: list[R] = []
         self.errors = DecodeErrors()
-        bpf[table_name.encode()].open_ring_buffer(self._on_record)
+        table = bpf[table_name.encode()]
+        table.open_ring_buffer(self._on_record)
+        self.fd: int = table.map_fd
 
     def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
         record = self._decoder(ctypes.string_at(data, size), self.errors)

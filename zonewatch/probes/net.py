@@ -528,6 +528,9 @@ class NetProbe:
                     log.info("net probe: watching %s (ifindex %d)", name, index)
                 self._attached[index] = (name, key)
 
+    def ring_fds(self) -> list[int]:
+        return [self._reader.fd] if self._reader else []
+
     def poll(self, timeout_ms: int) -> list[NetRecord]:
         assert self._reader is not None, "attach() first"
         records = self._reader.poll(timeout_ms)

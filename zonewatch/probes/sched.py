@@ -142,6 +142,9 @@ class SchedProbe:
                 waiting, [k for k, st in self._maps.items(waiting) if st.zone_key in gone]
             )
 
+    def ring_fds(self) -> list[int]:
+        return []
+
     def poll(self, timeout_ms: int) -> list[Any]:
         """Nothing is sent per event on this channel; here for the Probe shape."""
         del timeout_ms
