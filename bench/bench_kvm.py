@@ -5,10 +5,10 @@ round after round, in a rotating order (A B C D E, B C D E A, ...) so that drift
 all of them; each turn sets its condition up, measures the VMM's own exit count over
 WINDOW_S seconds between two of its stats writes, and tears the condition down:
   none      nothing attached: the baseline
-  agent     KvmProbe + SchedProbe attached, the VMM in their zone maps, maps collected
-            every second as the agent does
-  lean      the agent without kvm_emulate_insn and kvm_fpu, which fire per emulated guest
-            instruction and per KVM_RUN here (no emulation counts, no VMM-time histogram)
+  agent     KvmProbe + SchedProbe as `zonewatch run` attaches them (without the detail
+            tracepoints), the VMM in their zone maps, maps collected every second
+  detail    `zonewatch run --kvm-detail`: also kvm_emulate_insn and kvm_fpu, which fire
+            per emulated guest instruction and per KVM_RUN here
   nonzone   the same probes attached, the VMM NOT a zone: what any other KVM user pays
   bpftrace  bpftrace counting the same tracepoints for the VMM's pid (the peer)
 A ratio is the median over rounds of (condition / none of the same round); the value and
@@ -37,7 +37,7 @@ from typing import Any
 from bench import Metric, metric
 from zonewatch.lab.microvm import MicroVmProcess
 from zonewatch.model import Vmm, Zone
-from zonewatch.probes.kvm import KVM_TRACEPOINTS, KvmProbe
+from zonewatch.probes.kvm import KVM_TRACEPOINTS, LEAN_TRACEPOINTS, KvmProbe
 from zonewatch.probes.loader import tracepoint_exists
 from zonewatch.probes.sched import SchedProbe
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 ROUNDS = int(os.environ.get("ZW_BENCH_ROUNDS", "6"))
 WINDOW_S = float(os.environ.get("ZW_BENCH_SECONDS", "4"))
-CONDITIONS = ("none", "agent", "lean", "nonzone", "bpftrace")
+CONDITIONS = ("none", "agent", "detail", "nonzone", "bpftrace")
 ZONE_KEY = 1
 
 # Setting a condition up: yields once it is in force; its clean-up runs after the window.
@@ -164,14 +164,11 @@ def _bpftrace(vm: MicroVmProcess, tid: int) -> Iterator[Callable[[], None]]:
         os.unlink(f.name)
 
 
-# What fires per guest instruction (emulation) or per KVM_RUN (FPU switch) on this host.
-HOT = ("kvm_emulate_insn", "kvm_fpu")
-
 SETUPS: dict[str, Setup] = {
     "none": _nothing,
-    "agent": _probes(as_zone=True),
-    "lean": _probes(as_zone=True, tracepoints=[t for t in KVM_TRACEPOINTS if t not in HOT]),
-    "nonzone": _probes(as_zone=False),
+    "agent": _probes(as_zone=True, tracepoints=LEAN_TRACEPOINTS),
+    "detail": _probes(as_zone=True),
+    "nonzone": _probes(as_zone=False, tracepoints=LEAN_TRACEPOINTS),
     "bpftrace": _bpftrace,
 }
 
@@ -240,7 +237,7 @@ def run() -> dict[str, Metric]:
 
     return {
         "kvm_exits_per_s_agent_ratio": entry("agent"),
-        "kvm_exits_per_s_agent_lean_ratio": entry("lean"),
+        "kvm_exits_per_s_agent_detail_ratio": entry("detail"),
         "kvm_exits_per_s_nonzone_ratio": entry("nonzone"),
         "kvm_exits_per_s_bpftrace_ratio": entry("bpftrace"),
     }

@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-stats", action="store_true", help="no `stats` lines in the output")
     run.add_argument(
+        "--kvm-detail",
+        action="store_true",
+        help="also count emulated instructions and VMM time per exit (costs zones more)",
+    )
+    run.add_argument(
         "--rules",
         metavar="PATH",
         action="append",
@@ -175,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from zonewatch.agent import Agent, AgentOptions
     from zonewatch.exporters.jsonl import JsonlSink
     from zonewatch.probes.file import FileProbe
-    from zonewatch.probes.kvm import KvmProbe
+    from zonewatch.probes.kvm import KVM_TRACEPOINTS, LEAN_TRACEPOINTS, KvmProbe
     from zonewatch.probes.net import NetProbe
     from zonewatch.probes.sched import SchedProbe
 
@@ -192,7 +197,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     delivery = delivery_mod.build(delivery_mod.config_from_args(args), sinks)
     agent = Agent(
         inventory,
-        [FileProbe(), KvmProbe(), SchedProbe(), NetProbe(idle_timeout_s=args.flow_idle)],
+        [
+            FileProbe(),
+            KvmProbe(tracepoints=KVM_TRACEPOINTS if args.kvm_detail else LEAN_TRACEPOINTS),
+            SchedProbe(),
+            NetProbe(idle_timeout_s=args.flow_idle),
+        ],
         sinks,
         AgentOptions(
             emit_events=args.events,

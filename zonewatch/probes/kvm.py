@@ -37,7 +37,9 @@ from zonewatch.probes.records import (
 
 # The snapshot types are part of this probe's API: importable from here.
 __all__ = [
+    "DETAIL_TRACEPOINTS",
     "KVM_TRACEPOINTS",
+    "LEAN_TRACEPOINTS",
     "ExitKey",
     "IoCount",
     "KvmProbe",
@@ -57,6 +59,12 @@ KVM_TRACEPOINTS = (
     "kvm_emulate_insn", "kvm_cpuid", "kvm_msr",
     "kvm_hypercall", "kvm_hv_hypercall", "kvm_xen_hypercall",
 )  # fmt: skip
+
+# Fire per emulated guest instruction (real mode under PVM emulates every one) and per
+# KVM_RUN (FPU load/put): the emulation counts and the VMM-time-per-exit histogram cost
+# the zone most, so `zonewatch run` attaches them only with --kvm-detail.
+DETAIL_TRACEPOINTS = ("kvm_emulate_insn", "kvm_fpu")
+LEAN_TRACEPOINTS = tuple(tp for tp in KVM_TRACEPOINTS if tp not in DETAIL_TRACEPOINTS)
 
 # The per-zone counter maps collect() reads.
 COUNTER_MAPS = ("exits", "uexits", "pio", "mmio", "counters", "hist")
