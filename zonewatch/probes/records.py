@@ -170,13 +170,19 @@ class DecodeErrors:
         return self.short + self.unknown_type + self.bad_value
 
 
-def decode(data: bytes, errors: DecodeErrors) -> Record | None:
-    """Decode one record through the registry keyed by its header's type."""
+R = TypeVar("R")
+
+
+def decode_with(
+    registry: Mapping[int, tuple[int, Callable[[bytes], R]]], data: bytes, errors: DecodeErrors
+) -> R | None:
+    """Decode one record through `registry`, keyed by its header's type: short, unknown
+    and bad records are counted, not raised."""
     if len(data) < ctypes.sizeof(ZwHdr):
         errors.short += 1
         return None
     hdr = ZwHdr.from_buffer_copy(data[: ctypes.sizeof(ZwHdr)])
-    entry = DECODERS.get(hdr.type)
+    entry = registry.get(hdr.type)
     if entry is None:
         errors.unknown_type += 1
         errors.by_type[hdr.type] = errors.by_type.get(hdr.type, 0) + 1
@@ -192,11 +198,14 @@ def decode(data: bytes, errors: DecodeErrors) -> Record | None:
         return None
 
 
+def decode(data: bytes, errors: DecodeErrors) -> Record | None:
+    """A file-channel record (the DECODERS registry)."""
+    return decode_with(DECODERS, data, errors)
+
+
 # ==== kvm and sched channels (bpf/kvm.c, bpf/sched.c) ====================================
 # Their frequent facts are counted in kernel maps; the map keys and values below are part of
 # the wire contract, mirrored like the records. Only sampled kvm records use the registry.
-
-R = TypeVar("R")
 
 
 class CountLostSource(enum.IntEnum):
@@ -410,30 +419,6 @@ def decode_kvm(data: bytes) -> KvmRecord:
 KVM_DECODERS: dict[int, tuple[int, Callable[[bytes], KvmRecord]]] = {
     RecordType.KVM: (ctypes.sizeof(ZwKvmEvent), decode_kvm),
 }
-
-
-def decode_with(
-    registry: Mapping[int, tuple[int, Callable[[bytes], R]]], data: bytes, errors: DecodeErrors
-) -> R | None:
-    """decode() through any registry: short, unknown and bad records are counted, not raised."""
-    if len(data) < ctypes.sizeof(ZwHdr):
-        errors.short += 1
-        return None
-    hdr = ZwHdr.from_buffer_copy(data[: ctypes.sizeof(ZwHdr)])
-    entry = registry.get(hdr.type)
-    if entry is None:
-        errors.unknown_type += 1
-        errors.by_type[hdr.type] = errors.by_type.get(hdr.type, 0) + 1
-        return None
-    size, decoder = entry
-    if len(data) < size:
-        errors.short += 1
-        return None
-    try:
-        return decoder(data[:size])
-    except ValueError:  # an op code this build does not know
-        errors.bad_value += 1
-        return None
 
 
 # ==== net channel (bpf/net.c) ============================================================
