@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-zone stats every S seconds (default 1)",
     )
     run.add_argument("--no-stats", action="store_true", help="no `stats` lines in the output")
+    run.add_argument("--tui", action="store_true", help="show the live UI (zonewatch top) too")
     run.add_argument(
         "--kvm-detail",
         action="store_true",
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_delivery_options(run)  # --journal --grpc --tokens --tls-* --otlp --metrics --ocsf
     add_tail_parser(sub)
+    from zonewatch.tui.cli import add_top_parser
+
+    add_top_parser(sub)
     return parser
 
 
@@ -178,6 +182,7 @@ def _inventory(args: argparse.Namespace) -> Inventory:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from zonewatch.agent import Agent, AgentOptions
+    from zonewatch.exporters.base import Sink
     from zonewatch.exporters.jsonl import JsonlSink
     from zonewatch.probes.file import FileProbe
     from zonewatch.probes.kvm import KVM_TRACEPOINTS, LEAN_TRACEPOINTS, KvmProbe
@@ -190,7 +195,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from zonewatch.rules.engine import RuleSet
 
         rules = RuleSet(args.rules)
-    sinks = [JsonlSink(args.jsonl)] if args.jsonl else []
+    sinks: list[Sink] = [JsonlSink(args.jsonl)] if args.jsonl else []
+    tui = None
+    if getattr(args, "tui", False):  # one more sink (alerts; events with --events)
+        from zonewatch.tui.feed import LocalFeed
+
+        tui = LocalFeed(lambda: agent.latest_stats)
+        sinks.append(tui)
     from zonewatch import delivery as delivery_mod
 
     # Alerts: journal, then gRPC subscribers, OTLP, OCSF, Prometheus and the JSONL sink.
@@ -229,6 +240,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGHUP, on_hup)
     agent.delivery = delivery
     delivery_mod.watch_agent(delivery, agent)
+    if tui is not None:
+        from zonewatch.tui.cli import run_agent_tui
+
+        return run_agent_tui(agent, tui, stop, args.stats_interval)
     agent.run(stop)
     return 0
 
@@ -335,6 +350,15 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 COMMANDS["tail"] = cmd_tail
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from zonewatch.tui.cli import run_top
+
+    return run_top(args)
+
+
+COMMANDS["top"] = cmd_top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
