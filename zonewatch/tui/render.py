@@ -173,8 +173,9 @@ def alert_line(alert: Alert, with_zone: bool = True) -> Text:
     if with_zone:
         zone = alert.zone
         line.append(f" {escape(zone.tenant, 12)}/{escape(zone.name, 24)}", "bold")
-    line.append(f" {escape(alert.rule, 60)}: ", "magenta")
-    line.append(escape(alert.summary, 200))
+    line.append(f" {escape(alert.rule, 60)}", "magenta")
+    if with_zone:
+        line.append(f": {escape(alert.summary, 200)}")
     if alert.count > 1:
         line.append(f" x{alert.count}", "dim")
     return line
@@ -287,9 +288,23 @@ def zone_detail(state: ViewState, view: ZoneView, carries_events: bool) -> Rende
         )
     parts += [
         _section(f"ALERTS  {view.open_alerts} open"),
-        alert_lines(state.newest_alerts(zone.id, 20), with_zone=False),
+        _zone_alert_lines(state.newest_alerts(zone.id, 20)),
     ]
     return Group(*parts)
+
+
+def _zone_alert_lines(alerts: list[Alert]) -> Text:
+    """Two lines an alert: when, how bad, which rule; then the summary, which quotes the
+    evidence (a file name, a DNS name) and would not fit after the rule's name."""
+    lines = []
+    for alert in alerts:
+        lines.append(alert_line(alert, with_zone=False))
+        lines.append(Text(f"  {escape(alert.summary, 300)}", no_wrap=True, overflow="ellipsis"))
+    return (
+        Text("\n", no_wrap=True, overflow="ellipsis").join(lines)
+        if lines
+        else Text("no alerts", style="dim")
+    )
 
 
 def _top_flows(flows: Iterable[NetEvent], limit: int = 5) -> RenderableType:
@@ -335,7 +350,11 @@ def _file_lines(view: ZoneView, limit: int = 8) -> Text:
         if e.ret < 0:
             line.append(f" ({e.ret})", "red")
         lines.append(line)
-    return Text("\n").join(lines) if lines else Text("none seen", style="dim")
+    return (
+        Text("\n", no_wrap=True, overflow="ellipsis").join(lines)
+        if lines
+        else Text("none seen", style="dim")
+    )
 
 
 def _proc_lines(view: ZoneView, limit: int = 6) -> Text:
@@ -348,7 +367,11 @@ def _proc_lines(view: ZoneView, limit: int = 6) -> Text:
         if detail:
             line.append(f" {escape(detail, 100)}")
         lines.append(line)
-    return Text("\n").join(lines) if lines else Text("none seen", style="dim")
+    return (
+        Text("\n", no_wrap=True, overflow="ellipsis").join(lines)
+        if lines
+        else Text("none seen", style="dim")
+    )
 
 
 # -- `zonewatch top --once` ---------------------------------------------------------------------
