@@ -65,7 +65,7 @@ class ZoneScreen(Screen[None]):
         Binding("backspace", "back", "Back", show=False),
     ]
     DEFAULT_CSS = """
-    ZoneScreen #zheader { height: 2; }
+    ZoneScreen #zheader { height: 2; text-wrap: nowrap; text-overflow: ellipsis; }
     ZoneScreen #detail-pane { height: 1fr; scrollbar-size-vertical: 1; }
     ZoneScreen #detail { text-wrap: nowrap; text-overflow: ellipsis; }
     """
@@ -121,7 +121,7 @@ class MainScreen(Screen[None]):
         Binding("escape", "clear_filter", "Clear", show=False),
     ]
     DEFAULT_CSS = """
-    MainScreen #header { height: 2; }
+    MainScreen #header { height: 2; text-wrap: nowrap; text-overflow: ellipsis; }
     MainScreen #zones { height: 1fr; scrollbar-size-vertical: 1; }
     MainScreen #alerts-title { height: 1; background: $panel; text-style: bold; }
     MainScreen #alerts-pane { height: 6; scrollbar-size-vertical: 1; }
@@ -136,7 +136,7 @@ class MainScreen(Screen[None]):
         table = ZoneTable(id="zones", cursor_type="row", cell_padding=0)
         table.zebra_stripes = False
         yield table
-        yield Static(" ALERTS (newest first)", id="alerts-title")
+        yield Static(" ALERTS (newest first, as received)", id="alerts-title")
         with VerticalScroll(id="alerts-pane"):
             yield Static(id="alerts")
         yield Input(placeholder="filter: zone, tenant, id or exit reason", id="filter")
