@@ -264,3 +264,35 @@ def test_unreachable_agent_is_shown_and_retried(tmp_path: Path) -> None:
         assert ui.wait_exit() == 0
     finally:
         ui.kill()
+
+
+def test_run_tui_shows_the_escaped_file_name_in_recent_file_operations(
+    tmp_path: Path, lab: Lab, zones: list[QemuZone]
+) -> None:
+    """`zonewatch run --tui --events`: the UI reads the agent in-process, so the drill-down
+    lists the zone's recent file operations, the ESC-named file among them, escaped."""
+    tenants = lab.write_tenants(tmp_path / "tenants.yaml")
+    command = [sys.executable, "-m", "zonewatch", "run", "--tui", "--events",
+               "--tenants", str(tenants), "--journal", str(tmp_path / "journal")]  # fmt: skip
+    ui = Tmux(command, tmp_path)
+    try:
+        ui.wait(lambda s: shown(s) >= {ACME, GLOBEX} and intact(s), "both zones", timeout=90)
+        for zone in zones:
+            (zone.share_dir / "go").write_text("")
+        ui.keys("/")
+        ui.keys("-l", ACME)
+        ui.keys("Enter")
+        ui.wait(lambda s: only(s, ACME) and "⏎ Zone" in s.splitlines()[-1], "acme only")
+        ui.keys("Enter")
+        ui.wait(lambda s: s.startswith(" zonewatch zone "), "the drill-down")
+        screen = ui.wait(
+            lambda s: "evil\\x1b[2J\\x1b[Hname" in s and drill_down_intact(s),
+            "the escaped file name in the recent file operations",
+            timeout=60,
+        )
+        assert "\x1b" not in screen
+        assert "RECENT FILE OPERATIONS" in screen
+        ui.keys("q")  # quitting the UI stops the agent
+        assert ui.wait_exit(timeout=30) == 0
+    finally:
+        ui.kill()
