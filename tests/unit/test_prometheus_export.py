@@ -1,0 +1,100 @@
+"""exporters/prometheus.py: every per-zone number of a stats snapshot is a series, named by
+the OTel-to-Prometheus rules (unit suffixes, `_total` on counters), in base units, with
+bounded labels only (the dashboards in dashboards/ query these names)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from zonewatch.exporters.prometheus import ZONE_GAUGES, PrometheusSink
+from zonewatch.model import Alert, Severity, ZoneRef, ZoneStats
+
+ZONE = ZoneRef("qemu-1-2", "zone-a", "acme", "qemu")
+BOUNDED_LABELS = {"zone", "tenant", "vmm", "reason", "severity", "source", "probe", "queue", "le"}
+UNIT_SUFFIX = re.compile(r"_(per_second|seconds|ratio|total|bytes|count|sum|bucket|info)$")
+
+
+def scrape(sink: PrometheusSink) -> list[Sample]:
+    text = generate_latest(sink.registry).decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def stats() -> ZoneStats:
+    return ZoneStats(
+        ts_ns=1,
+        zone=ZONE,
+        interval_s=1.0,
+        vcpus=2,
+        exits_per_s=300.0,
+        exits_by_reason={"IO": 200.0, "HLT": 100.0},
+        hypercalls_per_s=3.0,
+        msr_writes_per_s=4.0,
+        run_delay_p99_us=250.0,
+        run_delay_pct=12.5,
+        cpu_pct=150.0,
+        rx_bytes_per_s=1000.0,
+        tx_packets_per_s=7.0,
+        malformed_per_s=1.0,
+        file_ops_per_s=9.0,
+    )
+
+
+def test_every_numeric_stats_field_is_exported() -> None:
+    numeric = {
+        f.name
+        for f in dataclasses.fields(ZoneStats)
+        if f.type in ("int", "float") and f.name not in ("ts_ns", "interval_s")
+    }
+    assert len(numeric) > 15  # the annotations are strings here (postponed evaluation)
+    assert numeric <= set(ZONE_GAUGES), numeric - set(ZONE_GAUGES)
+
+
+def test_zone_series_in_base_units() -> None:
+    sink = PrometheusSink(None)
+    sink.update_stats([stats()])
+    values = {
+        (s.name, s.labels.get("reason")): s.value
+        for s in scrape(sink)
+        if s.labels.get("zone") == "zone-a" and s.labels.get("tenant") == "acme"
+    }
+    assert values[("zonewatch_zone_sched_run_delay_p99_seconds", None)] == 250e-6
+    assert values[("zonewatch_zone_sched_wait_ratio", None)] == 0.125
+    assert values[("zonewatch_zone_cpu_utilization_ratio", None)] == 1.5
+    assert values[("zonewatch_zone_kvm_hypercalls_per_second", None)] == 3.0
+    assert values[("zonewatch_zone_kvm_msr_writes_per_second", None)] == 4.0
+    assert values[("zonewatch_zone_network_receive_bytes_per_second", None)] == 1000.0
+    assert values[("zonewatch_zone_network_transmit_packets_per_second", None)] == 7.0
+    assert values[("zonewatch_zone_network_malformed_frames_per_second", None)] == 1.0
+    assert values[("zonewatch_zone_file_ops_per_second", None)] == 9.0
+    assert values[("zonewatch_zone_kvm_exits_by_reason_per_second", "IO")] == 200.0
+
+
+def test_alerts_are_a_counter_by_severity() -> None:
+    sink = PrometheusSink(None)
+    alert = Alert(1, ZONE, "r", Severity.HIGH, "s")
+    sink.export([alert, alert])
+    samples = [s for s in scrape(sink) if s.name == "zonewatch_alerts_total"]
+    assert [(s.labels, s.value) for s in samples] == [
+        ({"zone": "zone-a", "tenant": "acme", "severity": "high"}, 2.0)
+    ]
+
+
+def test_names_and_labels_follow_the_conventions() -> None:
+    sink = PrometheusSink(None)
+    sink.update_stats([stats()])
+    sink.set_zones([])  # the info series: no zones, still named
+    sink.update_stats([stats()])
+    sink.export([Alert(1, ZONE, "r", Severity.LOW, "s")])
+    samples = scrape(sink)
+    assert samples
+    for s in samples:
+        assert s.name.startswith("zonewatch_"), s.name
+        assert set(s.labels) <= BOUNDED_LABELS, (s.name, s.labels)
+    for name, _doc, _scale in ZONE_GAUGES.values():
+        if name not in ("zonewatch_zone_alerts_open", "zonewatch_zone_vcpus"):  # counts
+            assert UNIT_SUFFIX.search(name), name
