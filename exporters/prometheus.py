@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -162,6 +162,7 @@ class PrometheusSink:
         self.health: Callable[[], AgentHealth] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
+        ProcessCollector(registry=self.registry)  # the agent's own CPU, memory, fds
         self.rule_latency = Histogram(
             "zonewatch_rule_eval_seconds",
             "Time to run the rules over one batch of events",

@@ -74,6 +74,11 @@ def test_zone_series_in_base_units() -> None:
     assert values[("zonewatch_zone_kvm_exits_by_reason_per_second", "IO")] == 200.0
 
 
+def test_the_agents_own_cpu_and_memory() -> None:
+    names = {s.name for s in scrape(PrometheusSink(None))}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= names
+
+
 def test_alerts_are_a_counter_by_severity() -> None:
     sink = PrometheusSink(None)
     alert = Alert(1, ZONE, "r", Severity.HIGH, "s")
@@ -93,7 +98,7 @@ def test_names_and_labels_follow_the_conventions() -> None:
     samples = scrape(sink)
     assert samples
     for s in samples:
-        assert s.name.startswith("zonewatch_"), s.name
+        assert s.name.startswith(("zonewatch_", "process_")), s.name
         assert set(s.labels) <= BOUNDED_LABELS, (s.name, s.labels)
     for name, _doc, _scale in ZONE_GAUGES.values():
         if name not in ("zonewatch_zone_alerts_open", "zonewatch_zone_vcpus"):  # counts
