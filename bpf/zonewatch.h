@@ -16,6 +16,7 @@ enum zw_record_type {
 	ZW_REC_FILE = 1,
 	ZW_REC_KVM = 2,  /* struct zw_kvm_event (bpf/kvm.c) */
 	ZW_REC_NET = 3,  /* struct zw_net_event (bpf/net.c) */
+	ZW_REC_PROC = 4, /* struct zw_proc_event (bpf/proc.c) */
 };
 
 /* File operations (zw_file_event.op). */
@@ -301,6 +302,60 @@ struct zw_net_event {
 	__u32 _pad;
 	struct zw_flow_stats flow;  /* the flow's totals when the record was made */
 	__u8 dns[ZW_DNS_MAX];       /* ZW_NET_DNS: the message from its header on; else zero */
+};
+
+/* ==== proc channel (bpf/proc.c) ====
+ *
+ * What a zone's VMM and backend processes (and every process they spawn, followed by the
+ * kernel) do themselves. Rare by nature: one record per call.
+ */
+
+#define ZW_ARGS_MAX 512  /* argv bytes of an exec (NUL-separated); the upper half is slack
+			    that keeps the verifier's bounds simple */
+
+enum zw_proc_op {
+	ZW_PROC_EXEC = 1,        /* path: the file run; args: argv when the execve entry was seen */
+	ZW_PROC_FORK = 2,        /* target_pid: the new process (threads are not reported) */
+	ZW_PROC_EXIT = 3,        /* ret: the exit_group status (0 when the entry was not seen) */
+	ZW_PROC_PTRACE = 4,      /* target_pid: pid; arg[0]: request */
+	ZW_PROC_MOUNT = 5,       /* path: mount point; path2: source; args: fstype; arg[0]: flags */
+	ZW_PROC_SETUID = 6,      /* arg[0..2]: real, effective, saved uid asked (-1: unchanged) */
+	ZW_PROC_SETGID = 7,      /* arg[0..2]: real, effective, saved gid asked */
+	ZW_PROC_CAPSET = 8,      /* arg[0..2]: effective, permitted, inheritable (64-bit sets) */
+	ZW_PROC_MODULE_LOAD = 9, /* init_module: arg[0] image bytes; finit_module: arg[1] fd;
+				    path2: module parameters */
+	ZW_PROC_BPF = 10,        /* arg[0]: the bpf() command */
+	ZW_PROC_MEMFD = 11,      /* path: the memfd's name; arg[0]: flags */
+	ZW_PROC_CONNECT = 12,    /* arg[0]: family; arg[1]: port; addr: IPv4/IPv6 bytes;
+				    path: AF_UNIX path (a leading NUL: abstract) */
+	ZW_PROC_BIND = 13,       /* as connect */
+	ZW_PROC_MOVE_MOUNT = 14, /* path: target path; path2: source path */
+};
+
+#define ZW_PROC_F_SPAWNED 1  /* the process was spawned by a zone process (followed) */
+
+struct zw_proc_event {
+	struct zw_hdr hdr;
+	__u32 op;            /* enum zw_proc_op */
+	__u32 flags;         /* ZW_PROC_F_* */
+	__s64 ret;           /* the call's return (-errno), or the exit status */
+	__u32 ppid;          /* the parent's tgid when the kernel followed the fork, else 0 */
+	__u32 target_pid;    /* fork: the child; ptrace: the traced pid */
+	__u64 arg[3];        /* see enum zw_proc_op; unused ones are zero */
+	__u8 addr[16];       /* connect/bind: the address (4 bytes for IPv4) */
+	__u32 args_len;      /* bytes of `args` filled */
+	__u32 _pad;
+	char pcomm[ZW_COMM_LEN];  /* the parent's comm when followed */
+	char path[ZW_PATH_MAX];
+	char path2[ZW_PATH_MAX];
+	char args[ZW_ARGS_MAX];
+};
+
+/* Value of the proc channel's `spawned` map: a followed process's parent. */
+struct zw_proc_parent {
+	__u32 ppid;
+	__u32 _pad;
+	char pcomm[ZW_COMM_LEN];
 };
 
 #endif /* ZONEWATCH_H */

@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also count emulated instructions and VMM time per exit (costs zones more)",
     )
     run.add_argument(
+        "--proc-syscalls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="proc channel: also ptrace, mount, set*id, modules, bpf, connect... through "
+        "syscall tracepoints (slow path for every syscall on the host); "
+        "--no-proc-syscalls keeps exec, fork and exit only",
+    )
+    run.add_argument(
         "--rules",
         metavar="PATH",
         action="append",
@@ -187,6 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from zonewatch.probes.file import FileProbe
     from zonewatch.probes.kvm import KVM_TRACEPOINTS, LEAN_TRACEPOINTS, KvmProbe
     from zonewatch.probes.net import NetProbe
+    from zonewatch.probes.proc import ProcProbe
     from zonewatch.probes.sched import SchedProbe
 
     inventory = _inventory(args)
@@ -213,6 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             KvmProbe(tracepoints=KVM_TRACEPOINTS if args.kvm_detail else LEAN_TRACEPOINTS),
             SchedProbe(),
             NetProbe(idle_timeout_s=args.flow_idle),
+            ProcProbe(syscalls=getattr(args, "proc_syscalls", True)),
         ],
         sinks,
         AgentOptions(

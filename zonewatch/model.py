@@ -464,6 +464,7 @@ class ProcEvent:
     args: str = ""  # the command line, space-separated (exec)
     target: str = ""  # host path, module name or ptrace target the call acted on
     ret: int = 0
+    spawned: bool = False  # a process a zone process started (followed by the kernel)
 
     channel = "proc"
 
@@ -484,6 +485,7 @@ class ProcEvent:
                 "args": self.args,
                 "target": self.target,
                 "ret": self.ret,
+                "spawned": self.spawned,
             },
         }
 
@@ -596,6 +598,7 @@ def proc_event_from_json(obj: dict[str, Any]) -> ProcEvent:
         args=str(p.get("args", "")),
         target=str(p.get("target", "")),
         ret=int(p.get("ret", 0)),
+        spawned=bool(p.get("spawned", False)),
     )
 
 

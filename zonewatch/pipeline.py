@@ -15,19 +15,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from zonewatch.model import FileEvent, KvmEvent, NetEvent, Share, Zone
+from zonewatch.model import FileEvent, KvmEvent, NetEvent, ProcEvent, Share, Zone
 from zonewatch.probes.net import net_event
+from zonewatch.probes.proc import outside_share_event, proc_event
 from zonewatch.probes.records import (
     FileOp,
     FileRecord,
     KvmOp,
     KvmRecord,
     NetRecord,
+    ProcRecord,
     ZoneRecord,
 )
 
 # What attribution hands on: one typed event per record.
-Event = FileEvent | KvmEvent | NetEvent
+Event = FileEvent | KvmEvent | NetEvent | ProcEvent
 
 AT_FDCWD = -100
 AT_REMOVEDIR = 0x200
@@ -246,10 +248,16 @@ class Attribution:
             event: Event | None
             if isinstance(rec, FileRecord):
                 event = self.files.build(rec, zone)
+                # The proc channel's view of the same open: a host path outside the shares.
+                outside = outside_share_event(event) if event is not None else None
+                if outside is not None:
+                    events.append(outside)
             elif isinstance(rec, KvmRecord):
                 event = kvm_event(rec, zone, self.files.clock)
             elif isinstance(rec, NetRecord):
                 event = net_event(rec, zone, self.files.clock.wall(rec.ts_mono_ns))
+            elif isinstance(rec, ProcRecord):
+                event = proc_event(rec, zone, self.files.clock.wall(rec.ts_mono_ns))
             else:
                 stats.unknown += 1
                 continue

@@ -11,6 +11,7 @@ import pytest
 from zonewatch.probes.file import FileProbe
 from zonewatch.probes.kvm import KvmProbe
 from zonewatch.probes.net import NetProbe
+from zonewatch.probes.proc import ProcProbe
 from zonewatch.probes.records import MIRRORS
 from zonewatch.probes.sched import SchedProbe
 
@@ -18,7 +19,7 @@ from zonewatch.probes.sched import SchedProbe
 @pytest.fixture(scope="module")
 def programs() -> Iterator[dict[str, Any]]:
     """Every compiled program by its probe's name (the structs live in different ones)."""
-    probes = [FileProbe(), KvmProbe(), SchedProbe(), NetProbe()]
+    probes = [FileProbe(), KvmProbe(), SchedProbe(), NetProbe(), ProcProbe()]
     try:
         for probe in probes:
             probe.attach()
@@ -50,6 +51,8 @@ COMPILED = [
     ("net:zw_flow_stats", "flows", "Leaf"),
     ("net:zw_net_counters", "counters", "Leaf"),
     ("net:zw_net_event", "scratch", "Leaf"),
+    ("proc:zw_proc_event", "scratch", "Leaf"),
+    ("proc:zw_proc_parent", "spawned", "Leaf"),
 ]
 
 
@@ -84,7 +87,7 @@ def test_mirror_matches_compiled(
     assert layout(mirror) == layout(compiled)
 
 
-@pytest.mark.parametrize("program", ["file", "kvm", "net"])
+@pytest.mark.parametrize("program", ["file", "kvm", "net", "proc"])
 def test_header_mirror_matches_compiled(programs: dict[str, Any], program: str) -> None:
     event = compiled_type(programs[program], "scratch", "Leaf")
     hdr_type = {name: t for name, t, *_ in event._fields_}["hdr"]

@@ -20,6 +20,7 @@ class RecordType(enum.IntEnum):
     FILE = 1
     KVM = 2
     NET = 3
+    PROC = 4
 
 
 class FileOp(enum.IntEnum):
@@ -610,4 +611,120 @@ def decode_net(data: bytes) -> NetRecord:
 
 NET_DECODERS: dict[int, tuple[int, Callable[[bytes], NetRecord]]] = {
     RecordType.NET: (ctypes.sizeof(ZwNetEvent), decode_net),
+}
+
+
+# ==== proc channel (bpf/proc.c) ===========================================================
+# What zones' VMM and backend processes (and what they spawn) do themselves: one record per
+# call, rare by nature.
+
+ZW_ARGS_MAX = 512
+
+
+class ProcOp(enum.IntEnum):
+    """enum zw_proc_op."""
+
+    EXEC = 1
+    FORK = 2
+    EXIT = 3
+    PTRACE = 4
+    MOUNT = 5
+    SETUID = 6
+    SETGID = 7
+    CAPSET = 8
+    MODULE_LOAD = 9
+    BPF = 10
+    MEMFD = 11
+    CONNECT = 12
+    BIND = 13
+    MOVE_MOUNT = 14
+
+
+PROC_F_SPAWNED = 1  # spawned by a zone process, followed by the kernel
+
+
+class ZwProcEvent(ctypes.Structure):
+    _fields_ = (
+        ("hdr", ZwHdr),
+        ("op", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("ret", ctypes.c_int64),
+        ("ppid", ctypes.c_uint32),
+        ("target_pid", ctypes.c_uint32),
+        ("arg", ctypes.c_uint64 * 3),
+        ("addr", ctypes.c_uint8 * 16),
+        ("args_len", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("pcomm", ctypes.c_char * ZW_COMM_LEN),
+        # Bytes, not c_char: ctypes cuts c_char arrays at the first NUL, and these hold
+        # NUL-separated argv and abstract AF_UNIX names (which start with NUL).
+        ("path", ctypes.c_uint8 * ZW_PATH_MAX),
+        ("path2", ctypes.c_char * ZW_PATH_MAX),
+        ("args", ctypes.c_uint8 * ZW_ARGS_MAX),
+    )
+
+
+class ZwProcParent(ctypes.Structure):
+    _fields_ = (
+        ("ppid", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("pcomm", ctypes.c_char * ZW_COMM_LEN),
+    )
+
+
+MIRRORS.update({"zw_proc_event": ZwProcEvent, "zw_proc_parent": ZwProcParent})
+
+
+@dataclass(slots=True)
+class ProcRecord:
+    """A decoded proc record, before attribution. Byte strings are as the process passed
+    them (undecoded: a taken-over VMM chooses them)."""
+
+    zone_key: int
+    ts_mono_ns: int
+    pid: int
+    tid: int
+    comm: bytes
+    op: ProcOp
+    flags: int
+    ret: int
+    ppid: int
+    target_pid: int
+    arg: tuple[int, int, int]
+    addr: bytes
+    pcomm: bytes
+    path: bytes
+    path2: bytes
+    args: bytes  # NUL-separated (exec argv; mount: the fstype)
+
+    @property
+    def spawned(self) -> bool:
+        return bool(self.flags & PROC_F_SPAWNED)
+
+
+def decode_proc(data: bytes) -> ProcRecord:
+    rec = ZwProcEvent.from_buffer_copy(data)
+    return ProcRecord(
+        zone_key=rec.hdr.zone_key,
+        ts_mono_ns=rec.hdr.ts_ns,
+        pid=rec.hdr.pid,
+        tid=rec.hdr.tid,
+        comm=c_string(bytes(rec.hdr.comm)),
+        op=ProcOp(rec.op),
+        flags=rec.flags,
+        ret=rec.ret,
+        ppid=rec.ppid,
+        target_pid=rec.target_pid,
+        arg=(rec.arg[0], rec.arg[1], rec.arg[2]),
+        addr=bytes(rec.addr),
+        pcomm=c_string(bytes(rec.pcomm)),
+        # AF_UNIX paths are fixed-size (an abstract name starts with NUL): kept whole here.
+        path=bytes(rec.path),
+        path2=c_string(bytes(rec.path2)),
+        args=bytes(rec.args)[: min(rec.args_len, ZW_ARGS_MAX)],
+    )
+
+
+PROC_DECODERS: dict[int, tuple[int, Callable[[bytes], ProcRecord]]] = {
+    RecordType.PROC: (ctypes.sizeof(ZwProcEvent), decode_proc),
 }
