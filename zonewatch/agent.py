@@ -13,7 +13,7 @@ import logging
 import select
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from zonewatch.aggregate import Aggregator
@@ -22,9 +22,10 @@ from zonewatch.delivery import Delivery
 from zonewatch.errors import EnvironmentProblem
 from zonewatch.exporters.base import JsonRecord, Sink
 from zonewatch.inventory import Inventory
-from zonewatch.model import Alert, Lost, ZoneStats
+from zonewatch.model import Alert, Lost, ZoneRef, ZoneStats
 from zonewatch.pipeline import Attribution
 from zonewatch.probes.base import Probe
+from zonewatch.probes.net import NetProbe
 from zonewatch.rules.engine import RuleSet
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class Agent:
         self._on_attached = on_attached
         self.delivery = delivery  # alerts: journal first, then gRPC, OTLP and the sinks
         self.rules = rules  # alerts from events, stats and losses; reloads itself
+        if rules is not None:  # net.dst_zone, net.dst_other_tenant: addresses seen on taps
+            rules.context.zone_addresses = self.zone_addresses
         self._aggregator: Aggregator | None = None
         self._findings: set[tuple[str, str, str]] = set()  # audit findings already raised
 
@@ -155,6 +158,13 @@ class Agent:
             if now >= next_loss:
                 self._report_loss()
                 next_loss = now + opts.loss_interval
+
+    def zone_addresses(self) -> Mapping[str, ZoneRef]:
+        """Every zone's IP addresses (learned by the net probe) -> its zone."""
+        for probe in self.probes:
+            if isinstance(probe, NetProbe):
+                return probe.zone_addresses()
+        return {}
 
     def _rescan(self) -> None:
         change = self.inventory.refresh()

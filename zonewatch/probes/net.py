@@ -31,7 +31,7 @@ from typing import Any
 
 from zonewatch.errors import EnvironmentProblem
 from zonewatch.inventory import procfs
-from zonewatch.model import NetEvent, Zone, ZoneStats
+from zonewatch.model import NetEvent, Zone, ZoneRef, ZoneStats
 from zonewatch.probes.base import sum_percpu
 from zonewatch.probes.loader import import_bcc, load_program
 from zonewatch.probes.maps import MapReader, RecordRingReader
@@ -397,6 +397,61 @@ def clear_leftovers(ipr: Any) -> int:
     return removed
 
 
+# ---- zone addresses ---------------------------------------------------------------------
+
+MAX_ADDRESSES_PER_ZONE = 16
+
+
+class ZoneAddresses:
+    """Each zone's IP addresses, learned from its tap: the source of what the guest sent.
+
+    What rules read as net.dst_zone / net.dst_tenant / net.dst_other_tenant. Bounded per
+    zone (the least recently seen goes first) and dropped with the zone. The first zone to
+    use an address keeps it while it lives: a guest spoofing another zone's source address
+    cannot take that address over (nor pass its own traffic off as the other tenant's).
+    """
+
+    def __init__(self, per_zone: int = MAX_ADDRESSES_PER_ZONE) -> None:
+        self._per_zone = per_zone
+        self._refs: dict[int, ZoneRef] = {}
+        self._by_zone: dict[int, dict[str, None]] = {}  # insertion order = recency
+        self._owner: dict[str, int] = {}
+        self.view: dict[str, ZoneRef] = {}  # ip -> zone: handed to the rules as is
+
+    def set_zones(self, zones: Sequence[Zone]) -> None:
+        self._refs = {z.key: z.ref for z in zones}
+        for key in self._by_zone.keys() - self._refs.keys():
+            for ip in self._by_zone.pop(key):
+                del self._owner[ip]
+                del self.view[ip]
+        for ip, key in self._owner.items():  # a zone's name or tenant may have changed
+            self.view[ip] = self._refs[key]
+
+    def learn(self, zone_key: int, raw_ip: bytes) -> None:
+        ref = self._refs.get(zone_key)
+        if ref is None or len(raw_ip) not in (4, 16):
+            return
+        ip = ipaddress.ip_address(raw_ip)
+        if ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_loopback:
+            return  # not an address another zone could reach this one at
+        if ip.is_reserved:  # 255.255.255.255 among them
+            return
+        text = str(ip)
+        owner = self._owner.get(text)
+        if owner is not None and owner != zone_key:
+            return
+        mine = self._by_zone.setdefault(zone_key, {})
+        mine.pop(text, None)
+        mine[text] = None
+        self._owner[text] = zone_key
+        self.view[text] = ref
+        if len(mine) > self._per_zone:
+            oldest = next(iter(mine))
+            del mine[oldest]
+            del self._owner[oldest]
+            del self.view[oldest]
+
+
 # ---- the probe --------------------------------------------------------------------------
 
 
@@ -433,6 +488,7 @@ class NetProbe:
         self._retired: set[int] = set()  # zones gone since the last collect()
         self._ended_zones: set[int] = set()  # zones gone whose flows the next sweep ends
         self._next_sweep = 0.0
+        self.addresses = ZoneAddresses()
         self.attach_errors = 0
         self.leftovers_removed = 0
 
@@ -477,6 +533,7 @@ class NetProbe:
             raise EnvironmentProblem("netlink", f"cannot open a route socket: {exc}") from exc
 
     def set_zones(self, zones: Sequence[Zone]) -> None:
+        self.addresses.set_zones(zones)
         self.set_taps({tap: z.key for z in zones for tap in z.taps})
         keys = {z.key for z in zones}
         gone = self._zone_keys - keys
@@ -534,6 +591,9 @@ class NetProbe:
     def poll(self, timeout_ms: int) -> list[NetRecord]:
         assert self._reader is not None, "attach() first"
         records = self._reader.poll(timeout_ms)
+        for rec in records:
+            if rec.dir == NetDir.EGRESS:  # the guest sent it: its source is the zone's
+                self.addresses.learn(rec.key.zone_key, rec.key.local_ip)
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + self.sweep_interval_s
@@ -599,7 +659,14 @@ class NetProbe:
         for raw_key, raw in self._maps.items(self._bpf[b"flows"]):
             with contextlib.suppress(ValueError):
                 flows.append((flow_key(raw_key), flow_totals(raw)))
+        for key, totals in flows:  # flows older than the agent teach addresses too
+            if totals.tx_packets:
+                self.addresses.learn(key.zone_key, key.local_ip)
         return NetSnapshot(ts_mono_ns=ts, zones=zones, flows=flows)
+
+    def zone_addresses(self) -> Mapping[str, ZoneRef]:
+        """Every zone's learned addresses -> its zone (the rules' RuleContext)."""
+        return self.addresses.view
 
     def lost(self) -> dict[str, int]:
         if self._bpf is None or self._reader is None:
@@ -637,6 +704,7 @@ __all__ = [
     "NetDir",
     "NetProbe",
     "NetSnapshot",
+    "ZoneAddresses",
     "ZoneNet",
     "clear_leftovers",
     "escape_label",
