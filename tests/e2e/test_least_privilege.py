@@ -112,6 +112,10 @@ def test_agent_runs_with_the_deployed_capabilities_only(tmp_path: Path, lab: Lab
     assert int(fields["CapBnd"], 16) == want
     assert int(fields["CapEff"], 16) == want
     assert fields["NoNewPrivs"].strip() == "1"
-    assert "attached file, kvm, sched, net" in log.read_text()
+    text = log.read_text()
+    attached = re.search(r"attached ([a-z, ]+); watching", text)
+    assert attached, text
+    assert {"file", "kvm", "sched", "net"} <= set(attached.group(1).split(", "))
+    assert "not attached" not in text, text  # every probe of `zonewatch run` attached
     assert files[0]["zone"]["tenant"] == "acme"
     assert files[0]["file"]["host_path"] == str(zone.share_dir / "lp.txt")
