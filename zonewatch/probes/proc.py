@@ -184,7 +184,12 @@ def proc_event(rec: ProcRecord, zone: Zone, wall_ns: int, proc: Path = Path("/pr
             event.ppid = _ppid(proc, rec.pid)
             event.pcomm = _comm(proc, event.ppid) if event.ppid else ""
     elif op == ProcOp.FORK:
-        event.target = str(rec.target_pid)
+        # Told as the child's event (what rules ask of any spawned process: who started
+        # what): the child runs its parent's program until it execs.
+        event.pid = event.tid = rec.target_pid
+        event.ppid, event.pcomm = rec.pid, event.comm
+        event.exe = _readlink(proc / str(rec.pid) / "exe")
+        event.spawned = True
     elif op == ProcOp.PTRACE:
         comm = _comm(proc, rec.target_pid)
         event.target = f"{rec.target_pid} ({comm})" if comm else str(rec.target_pid)

@@ -1,0 +1,405 @@
+"""Issue 5, end to end: lab zones attack, the agent's default rules alert within 2 s.
+
+- lateral movement: a zone of tenant acme connects to a zone of tenant globex (routed
+  through the host, forwarding switched on for those two taps only);
+- cloud metadata: a zone connects to 169.254.169.254, which this test puts on the host end
+  of that zone's tap, with a listener there (the traffic never leaves the tap);
+- port scan: a zone probes 30 closed ports on the host end of its tap;
+- sensitive file: a zone writes root/.ssh/authorized_keys in its 9p share;
+- escape: QEMU's 9p server resolves guest paths inside the share (symlinks are followed by
+  the guest, in the guest), so no guest action here makes the VMM open a host file outside
+  it. What the rule is for, a taken-over VMM opening host files, is produced through the
+  VMM itself: its monitor (`drive_add` opens /etc/shadow; `netdev_add bridge` with a
+  helper makes QEMU fork and exec a program: the proc channel's fork/exec);
+- a benign zone doing file work and pings in the same run raises nothing but the `audit.*`
+  findings the agent raises for every lab zone (lab QEMUs run as root, unconfined).
+
+Latency: from the moment the test sees the guest's console marker (printed right before the
+action; for the monitor, the moment the test sends the command) to the moment it reads the
+alert from the agent's JSON lines. Both are polled every 20 ms, so this is an upper bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyroute2 import IPRoute
+
+from tests.helpers.agent import AgentProcess, Line
+from zonewatch.lab.assets import GuestAssets
+from zonewatch.lab.lab import Lab, tenants_yaml
+from zonewatch.lab.qemu import QemuZone, ZoneSpec
+from zonewatch.lab.taps import addressing
+from zonewatch.model import parse_rfc3339_ns
+
+RULES = Path(__file__).resolve().parents[2] / "rules"
+LATERAL, TARGET, ATTACKER, ESCAPE, BENIGN = 60, 61, 62, 63, 64
+METADATA_IP = "169.254.169.254"
+LATERAL_PORT = 5432
+SCAN_PORTS = 30  # the rule fires past 25 distinct ports: at the 26th
+SCAN_BASE = 20000  # host ports 20001.. : nothing listens there, the host answers RST
+MAX_LATENCY_S = 2.0
+
+
+def gate(name: str) -> str:
+    """Wait for the host's go-file (9p walks open no file: waiting makes no file event)."""
+    return f"while [ ! -e /mnt/share/go-{name} ]; do usleep 20000; done\n"
+
+
+TARGET_IP = addressing(TARGET).guest_ip
+LATERAL_IP = addressing(LATERAL).guest_ip
+WORKLOADS = {
+    LATERAL: f"ip route add {TARGET_IP}/32 via $ZW_HOST_IP\n"
+    + gate("lateral")
+    + "echo ZW-ACT lateral\n"
+    # The target's listener may come up a moment late: retry, each try is a new flow.
+    + f"for i in 1 2 3 4 5; do echo hello-from-acme | nc -w 3 {TARGET_IP} {LATERAL_PORT}"
+    " && break; usleep 200000; done\n",
+    TARGET: f"ip route add {LATERAL_IP}/32 via $ZW_HOST_IP\n"
+    + gate("start")
+    + "ping -c 1 -W 2 $ZW_HOST_IP\n"
+    + "echo ZW-LISTENING\n"
+    + f"nc -l -p {LATERAL_PORT} > /tmp/got\n"
+    + 'echo "ZW-GOT $(cat /tmp/got)"\n',
+    ATTACKER: f"ip route add {METADATA_IP}/32 via $ZW_HOST_IP\n"
+    + gate("metadata")
+    + "echo ZW-ACT metadata\n"
+    + f"printf 'GET /latest/meta-data/ HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {METADATA_IP} 80\n"
+    + gate("scan")
+    + f"for p in $(seq 1 {SCAN_PORTS}); do echo ZW-ACT scan $p;"
+    f" nc -w 1 $ZW_HOST_IP $(({SCAN_BASE} + p)) </dev/null; done\n"
+    + gate("keys")
+    + "mkdir -p /mnt/share/root/.ssh\n"
+    + "echo ZW-ACT keys\n"
+    + "echo 'ssh-ed25519 AAAAC3Nz attacker' > /mnt/share/root/.ssh/authorized_keys\n",
+    ESCAPE: "true\n",
+    BENIGN: gate("benign")
+    + "mkdir -p /mnt/share/work\n"
+    + "for i in 1 2 3; do echo data $i > /mnt/share/work/f$i.txt; cat /mnt/share/work/f$i.txt;"
+    " done\n" + "ping -c 2 $ZW_HOST_IP\n" + "rm -r /mnt/share/work\n" + "echo ZW-BENIGN-DONE\n",
+}
+NAMES = {
+    LATERAL: ("det-lateral", "acme"),
+    TARGET: ("det-target", "globex"),
+    ATTACKER: ("det-attacker", "acme"),
+    ESCAPE: ("det-escape", "globex"),
+    BENIGN: ("det-benign", "acme"),
+}
+
+
+class MonitoredZone(QemuZone):
+    """A lab zone whose QEMU also has a human monitor on a unix socket (the VMM's own
+    control channel: what a taken-over VMM would do, done through it)."""
+
+    @property
+    def monitor_path(self) -> Path:
+        return self.zone_dir / "monitor.sock"
+
+    def command(self, assets: GuestAssets) -> list[str]:
+        return [
+            *super().command(assets),
+            "-monitor",
+            f"unix:{self.monitor_path},server=on,wait=off",
+        ]
+
+    def monitor(self, command: str) -> str:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.monitor_path))
+            _read_prompt(s)
+            s.sendall(command.encode() + b"\n")
+            return _read_prompt(s)
+
+
+def _read_prompt(s: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"(qemu) "):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
+class MetadataListener:
+    """An HTTP-ish listener on 169.254.169.254:80, an address this test gives the host end of
+    the attacker's tap (so the guest's metadata traffic ends on this machine)."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+        self._stop = threading.Event()
+        self._sock = socket.create_server((METADATA_IP, 80))
+        self._sock.settimeout(0.2)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    self.requests.append(conn.recv(4096))
+                    conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
+@contextlib.contextmanager
+def host_network(zones: dict[int, QemuZone]) -> Iterator[MetadataListener]:
+    """The host side of the attacks, undone whatever happens: the metadata address on the
+    attacker's tap with a listener, and forwarding between the lateral pair's taps only."""
+    tap = zones[ATTACKER].tap
+    forwarding = [
+        Path(f"/proc/sys/net/ipv4/conf/{zones[i].tap}/forwarding") for i in (LATERAL, TARGET)
+    ]
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=tap)[0]
+        ipr.addr("add", index=index, address=METADATA_IP, prefixlen=32)
+        listener: MetadataListener | None = None
+        try:
+            listener = MetadataListener()
+            for f in forwarding:
+                f.write_text("1\n")
+            yield listener
+        finally:
+            for f in forwarding:
+                with contextlib.suppress(OSError):
+                    f.write_text("0\n")
+            if listener is not None:
+                listener.close()
+            with contextlib.suppress(Exception):
+                ipr.addr("del", index=index, address=METADATA_IP, prefixlen=32)
+
+
+@dataclass
+class Timing:
+    latency_s: float  # console marker (or monitor command) seen -> alert read
+    event_to_alert_s: float  # the evidence event's kernel time -> alert read
+    alert: Line = field(repr=False)
+
+
+@dataclass
+class Run:
+    zones: dict[int, QemuZone]
+    agent: AgentProcess
+    listener: MetadataListener
+    timings: dict[str, Timing] = field(default_factory=dict)
+
+
+def alerts(lines: list[Line], zone: str, rule: str | None = None) -> list[Line]:
+    return [
+        x
+        for x in lines
+        if x["type"] == "alert"
+        and x["zone"]["name"] == zone
+        and (rule is None or x["rule"] == rule)
+    ]
+
+
+def time_alert(
+    run: Run, zone: QemuZone, rule: str, marker: str | float, timeout: float = 60.0
+) -> Timing:
+    """Poll the console for `marker` and the agent for the alert; time one against the other.
+    A float marker is the monotonic time the test itself acted."""
+    marker_at = marker if isinstance(marker, float) else None
+    marker = marker if isinstance(marker, str) else ""
+    pattern = re.compile(rf"^{re.escape(marker)}\r?$", re.MULTILINE) if marker else None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker_at is None and pattern is not None and pattern.search(zone.console_text()):
+            marker_at = time.monotonic()
+        found = alerts(run.agent.read(), zone.name, rule)
+        if found:
+            seen, seen_wall = time.monotonic(), time.time_ns()
+            assert marker_at is not None, f"{rule}: alert before the marker {marker!r}"
+            return Timing(
+                seen - marker_at, (seen_wall - parse_rfc3339_ns(found[0]["first_ts"])) / 1e9,
+                found[0],
+            )  # fmt: skip
+        time.sleep(0.02)
+    raise AssertionError(
+        f"no {rule!r} alert for {zone.name} within {timeout}s (marker seen: {marker_at})\n"
+        f"--- console ---\n{zone.console_tail()}\n--- agent log ---\n"
+        f"{run.agent.log.read_text()[-3000:]}"
+    )
+
+
+def net_events(lines: list[Line], zone: str) -> list[Line]:
+    return [
+        x
+        for x in lines
+        if x["type"] == "event" and x["channel"] == "net" and x["zone"]["name"] == zone
+    ]
+
+
+def go(zone: QemuZone, name: str) -> None:
+    (zone.share_dir / f"go-{name}").write_text("")
+
+
+@pytest.fixture(scope="module")
+def run(lab_assets: GuestAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    tmp = tmp_path_factory.mktemp("detection")
+    lab = Lab(assets=lab_assets)
+    escape = MonitoredZone(
+        ZoneSpec(*NAMES[ESCAPE], workload=WORKLOADS[ESCAPE], index=ESCAPE), assets=lab_assets
+    )
+    try:
+        escape.start()
+        started = lab.start(
+            [ZoneSpec(*NAMES[i], workload=WORKLOADS[i], index=i) for i in NAMES if i != ESCAPE],
+            timeout=180,
+        )
+        escape.wait_ready(timeout=180)
+        zones = {z.spec.index: z for z in [*started, escape]}
+        tenants = tmp / "tenants.yaml"
+        tenants.write_text(tenants_yaml((z.name, z.tenant) for z in zones.values()))
+        with (
+            host_network(zones) as listener,
+            AgentProcess(
+                tmp, "--events", "--rules", str(RULES), "--tenants", str(tenants),
+                "--share-mount", "share=/mnt/share", "--flow-idle", "5",
+            ) as agent,
+        ):  # fmt: skip
+            for zone in zones.values():
+                agent.wait_log(f"net probe: watching {zone.tap}", timeout=30)
+            yield Run(zones, agent, listener)
+    finally:
+        escape.stop()
+        lab.stop_all()
+
+
+@pytest.fixture(scope="module")
+def attacked(run: Run) -> Run:
+    """Every attack once, one after the other, each timed; the benign zone works alongside."""
+    z = run.zones
+    go(z[BENIGN], "benign")
+    # The target shows itself on its tap first: that is how the agent learns its address.
+    go(z[TARGET], "start")
+    z[TARGET].wait_for_console(r"ZW-LISTENING", timeout=60)
+    run.agent.wait_for(
+        lambda lines: any(
+            e["net"]["src_ip"] == TARGET_IP for e in net_events(lines, z[TARGET].name)
+        ),
+        timeout=30,
+        what="the target zone's first flow",
+    )
+
+    go(z[LATERAL], "lateral")
+    run.timings["lateral"] = time_alert(
+        run, z[LATERAL], "Connection to another tenant's zone", "ZW-ACT lateral"
+    )
+    go(z[ATTACKER], "metadata")
+    run.timings["metadata"] = time_alert(
+        run, z[ATTACKER], "Cloud metadata service contacted from a zone", "ZW-ACT metadata"
+    )
+    go(z[ATTACKER], "scan")
+    run.timings["port scan"] = time_alert(
+        run, z[ATTACKER], "Port scan from a zone", "ZW-ACT scan 26"
+    )
+    go(z[ATTACKER], "keys")
+    run.timings["authorized_keys"] = time_alert(
+        run, z[ATTACKER], "SSH authorized keys written through a share", "ZW-ACT keys"
+    )
+    escape = z[ESCAPE]
+    assert isinstance(escape, MonitoredZone)
+    started = time.monotonic()
+    escape.monitor("drive_add 0 if=none,id=zwesc,file=/etc/shadow,format=raw,readonly=on")
+    run.timings["host path outside the share"] = time_alert(
+        run, escape, "Zone VMM opened a host path outside its share", started
+    )
+    started = time.monotonic()
+    escape.monitor("netdev_add bridge,id=zwesc,br=zwnobr,helper=/bin/true")
+    run.timings["VMM spawned a program"] = time_alert(
+        run, escape, "Zone VMM spawned a process", started
+    )
+    for name, timing in run.timings.items():
+        print(
+            f"{name}: alert {timing.latency_s:.3f} s after the action was seen, "
+            f"{timing.event_to_alert_s:.3f} s after its event"
+        )
+    return run
+
+
+# attack, zone, evidence the alert must carry, text its summary must hold
+ATTACKS = [
+    (
+        "lateral",
+        LATERAL,
+        {"net.dst_ip": TARGET_IP},
+        f"{TARGET_IP}:{LATERAL_PORT} (zone det-target of tenant globex)",
+    ),
+    ("metadata", ATTACKER, {"net.dst_ip": METADATA_IP}, f"{METADATA_IP}:80"),
+    ("port scan", ATTACKER, {"distinct(net.dst_port, 60s)": 26}, "probed 26 ports"),
+    (
+        "authorized_keys",
+        ATTACKER,
+        {"file.path": "/mnt/share/root/.ssh/authorized_keys"},
+        "op=create",
+    ),
+    ("host path outside the share", ESCAPE, {"proc.target": "/etc/shadow"}, "qemu-system-x86"),
+    ("VMM spawned a program", ESCAPE, {}, "qemu-system-x86 (pid"),
+]
+
+
+@pytest.mark.parametrize(("attack", "index", "evidence", "summary"), ATTACKS)
+def test_attack_raises_its_alert_within_2s(
+    attacked: Run, attack: str, index: int, evidence: dict[str, Any], summary: str
+) -> None:
+    timing = attacked.timings[attack]
+    zone = attacked.zones[index]
+    assert timing.alert["zone"]["tenant"] == zone.tenant
+    assert evidence.items() <= timing.alert["evidence"].items(), timing.alert
+    assert summary in timing.alert["summary"], timing.alert
+    assert timing.latency_s <= MAX_LATENCY_S, timing
+    assert timing.event_to_alert_s <= MAX_LATENCY_S, timing
+
+
+def test_the_attacks_really_happened(attacked: Run) -> None:
+    """The traffic reached its (local) peers: the other tenant's zone and the listener."""
+    z = attacked.zones
+    z[TARGET].wait_for_console(r"ZW-GOT hello-from-acme", timeout=30)
+    assert any(r.startswith(b"GET /latest/meta-data/") for r in attacked.listener.requests)
+    scan = attacked.timings["port scan"].alert
+    assert scan["evidence"]["net.dst_ip"] == z[ATTACKER].host_ip
+    spawned = [
+        x
+        for x in attacked.agent.read()
+        if x["type"] == "event" and x["channel"] == "proc" and x["op"] == "exec"
+        and x["zone"]["name"] == z[ESCAPE].name
+    ]  # fmt: skip
+    assert spawned and spawned[0]["proc"]["exe"] == "/bin/true" and spawned[0]["proc"]["spawned"]
+
+
+def test_benign_zone_raises_nothing_but_audit_findings(attacked: Run) -> None:
+    benign = attacked.zones[BENIGN]
+    benign.wait_for_console(r"ZW-BENIGN-DONE", timeout=60)
+    attacked.agent.wait_for(
+        lambda lines: any(
+            x["type"] == "event" and x["zone"]["name"] == benign.name
+            and x.get("op") == "rmdir" and x["file"]["path"] == "/mnt/share/work"
+            for x in lines
+        ),
+        timeout=30,
+        what="the benign zone's last file event",
+    )  # fmt: skip
+    raised = alerts(attacked.agent.read(), benign.name)
+    # Lab QEMUs run as root without seccomp: the audit findings are true for every zone.
+    assert raised and all(a["rule"].startswith("audit.") for a in raised), [
+        (a["rule"], a["summary"]) for a in raised
+    ]
