@@ -5,7 +5,7 @@ same options as `zonewatch run`) fed with alerts made here instead of by rules.
         [--rate N] [--count N] [--otlp URL] [--ocsf FILE] [--metrics ADDR]
 
 Writes "ready ADDR" on stdout once it listens, then publishes alerts alternating between
-tenants acme and globex (evidence.n counts from --first), and per-zone stats each second.
+tenants acme (odd seqs) and globex (even seqs) (evidence.n counts from --first), and per-zone stats each second.
 """
 
 from __future__ import annotations
@@ -78,8 +78,11 @@ def main() -> int:
                 if args.count:
                     due = min(due, args.count - n)
                 if due > 0:
+                    # The tenant follows the seq the journal will give: after a restart
+                    # (the journal recovered) acme still holds exactly the odd seqs.
+                    first = d.journal.last_seq + 1
                     batch = [
-                        make_alert(n + i, "acme" if (n + i) % 2 == 0 else "globex")
+                        make_alert(n + i, "acme" if (first + i) % 2 == 1 else "globex")
                         for i in range(min(due, args.batch))
                     ]
                     d.publish(batch)

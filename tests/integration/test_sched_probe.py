@@ -129,8 +129,9 @@ def test_a_hog_on_the_vcpu_core_raises_run_delay(probe: SchedProbe, vm: MicroVmP
     assert loaded_p99 >= 20 * (quiet.run_delay_p50_ns() or 0.0), report
     # The hog took about half of the core from the vCPU.
     assert loaded.vcpu_oncpu.ns / loaded_s < 0.75 * quiet.vcpu_oncpu.ns / quiet_s, report
-    # The counters add up: the histogram holds every wait the totals counted.
-    assert loaded.run_delay.count == loaded.run_delay_total.count
+    # The counters add up: the histogram holds every wait the totals counted. (The two maps
+    # are read one after the other while the vCPU runs on: a wait or two can land between.)
+    assert abs(loaded.run_delay.count - loaded.run_delay_total.count) <= 2, report
 
 
 def test_non_zone_threads_are_not_counted(probe: SchedProbe, vm: MicroVmProcess) -> None:
