@@ -9,6 +9,7 @@ no program attached once its file descriptors close.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import select
 import threading
@@ -29,6 +30,16 @@ from zonewatch.probes.net import NetProbe
 from zonewatch.rules.engine import RuleSet
 
 log = logging.getLogger(__name__)
+
+
+def release_freed_heap() -> None:
+    """Give back the heap bcc's compiler freed: clang and LLVM leave ~50 MB that glibc keeps
+    mapped, a third of the agent's resident memory for the rest of its life."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        pass
 
 
 @dataclass(slots=True)
@@ -80,6 +91,7 @@ class Agent:
         attached: list[Probe] = []
         try:
             for probe in self.probes:
+                started = time.monotonic()
                 try:
                     probe.attach()
                 except EnvironmentProblem as exc:
@@ -89,9 +101,12 @@ class Agent:
                     continue
                 attached.append(probe)
                 probe.set_zones(list(self.inventory.zones.values()))
+                # From here the kernel counts and queues this channel's records.
+                log.info("%s probe ready in %.2f s", probe.name, time.monotonic() - started)
             if not attached:
                 raise EnvironmentProblem("agent", "no probe could attach on this host")
             self.probes = attached
+            release_freed_heap()
             self._aggregator = Aggregator(attached)
             if self.delivery is not None:
                 self.delivery.set_zones(list(self.inventory.zones.values()))
@@ -140,15 +155,7 @@ class Agent:
                 self._rescan()
                 next_scan = now + opts.scan_interval
             ready.poll(opts.poll_ms / 1000)
-            for probe in self.probes:
-                events = self.attribution.process(probe.poll(0))  # drain, never wait
-                self.counters.events += len(events)
-                if self._aggregator:
-                    self._aggregator.count_events(events)
-                if opts.emit_events:
-                    self._export(events)
-                if self.rules is not None:
-                    self._export(self.rules.engine.process(events))
+            self.drain()
             if self.rules is not None:
                 self.rules.maybe_reload()
                 self._export(self.rules.engine.tick())
@@ -158,6 +165,22 @@ class Agent:
             if now >= next_loss:
                 self._report_loss()
                 next_loss = now + opts.loss_interval
+
+    def drain(self) -> int:
+        """One batch: every probe's waiting records decoded, attributed, counted, run
+        through the rules and delivered (never waits). Returns how many events passed."""
+        passed = 0
+        for probe in self.probes:
+            events = self.attribution.process(probe.poll(0))  # drain, never wait
+            passed += len(events)
+            if self._aggregator:
+                self._aggregator.count_events(events)
+            if self.options.emit_events:
+                self._export(events)
+            if self.rules is not None:
+                self._export(self.rules.engine.process(events))
+        self.counters.events += passed
+        return passed
 
     def zone_addresses(self) -> Mapping[str, ZoneRef]:
         """Every zone's IP addresses (learned by the net probe) -> its zone."""
