@@ -28,6 +28,9 @@ class AgentHealth:
     queue_depths: dict[str, int] = field(default_factory=dict)  # queue -> items waiting
     subscribers: int = 0
     journal_last_seq: int = 0
+    journal_backlog: int = 0  # alerts held in memory: the journal's disk refused them
+    journal_dropped: int = 0  # alerts that never reached the journal's disk
+    journal_write_errors: int = 0
     otlp_dropped: int = 0
     lost: dict[str, int] = field(default_factory=dict)  # source -> events lost so far
 
@@ -142,6 +145,21 @@ class _Collector(Collector):
         yield GaugeMetricFamily("zonewatch_subscribers", "gRPC alert subscribers", h.subscribers)
         yield GaugeMetricFamily(
             "zonewatch_journal_last_seq", "Newest alert sequence number", h.journal_last_seq
+        )
+        yield GaugeMetricFamily(
+            "zonewatch_journal_backlog",
+            "Alerts held in memory because the journal's disk refused them",
+            h.journal_backlog,
+        )
+        yield CounterMetricFamily(
+            "zonewatch_journal_dropped",
+            "Alerts that never reached the journal's disk (memory backlog full)",
+            h.journal_dropped,
+        )
+        yield CounterMetricFamily(
+            "zonewatch_journal_write_errors",
+            "Failed journal writes and fsyncs",
+            h.journal_write_errors,
         )
         yield CounterMetricFamily(
             "zonewatch_otlp_dropped", "Records the OTLP exporter failed to send", h.otlp_dropped

@@ -138,10 +138,14 @@ class Delivery:
             h = getattr(sink, "health", None)
             if h is not None and hasattr(h, "failed"):
                 otlp_dropped += sum(h.failed.values()) + h.queue_dropped
+        jh = self.journal.health
         return {
             "queue_depths": depths,
             "subscribers": subscribers,
             "journal_last_seq": self.journal.last_seq,
+            "journal_backlog": jh.backlog,
+            "journal_dropped": jh.dropped,
+            "journal_write_errors": jh.write_errors,
             "otlp_dropped": otlp_dropped,
         }
 

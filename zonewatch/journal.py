@@ -9,11 +9,18 @@ loses nothing that was delivered; fsync is batched (at most `fsync_interval_s` a
 write), so a power loss costs at most that much. A torn last line (power loss mid-write)
 is cut off on open. Retention drops whole old segments by total size and by age; readers
 learn what they missed as a gap between what they asked for and `first_seq`.
+
+A failing disk (ENOSPC, EDQUOT, EIO) never fails an append: the alerts are numbered and
+served to readers as usual while their lines wait in memory (at most `backlog_bytes`; beyond
+that the oldest waiting lines are dropped and counted). One error line is logged per
+episode; the flusher retries every `fsync_interval_s` and writes the backlog, in order, as
+soon as the disk takes it.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import fcntl
 import logging
 import os
@@ -43,6 +50,19 @@ class JournalOptions:
     segment_bytes: int = 8 << 20
     fsync_interval_s: float = 0.05
     cache_records: int = 8192  # newest alerts kept in memory: catch-up reads skip the disk
+    backlog_bytes: int = 64 << 20  # alert lines held in memory while the disk refuses them
+
+
+@dataclass(slots=True)
+class JournalHealth:
+    """How the disk has treated the journal (read from any thread)."""
+
+    backlog: int = 0  # alerts numbered but not yet on disk
+    backlog_bytes: int = 0
+    write_errors: int = 0  # failed write attempts
+    episodes: int = 0  # times the disk started refusing writes
+    dropped: int = 0  # alerts that never reached the disk: the backlog was full
+    failing: str = ""  # the current error ("" when writes succeed)
 
 
 def encode(alert: Alert) -> bytes:
@@ -126,6 +146,13 @@ class Journal:
         self._dirty = False
         self.last_seq = 0
         self.fsyncs = 0
+        # Numbered alerts whose lines are not (wholly) on disk yet, oldest first; the first
+        # line's leading `_head_written` bytes already are (a short write on a full disk).
+        self._pending: deque[tuple[Alert, bytes]] = deque()
+        self._head_written = 0
+        self._roll_refused = False
+        self._written_seq = 0  # the newest seq wholly on disk
+        self.health = JournalHealth()
         self._recover()
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="zw-journal", daemon=True)
@@ -143,6 +170,7 @@ class Journal:
             self._segments.append(_Segment(first, path, st.st_size, created=st.st_mtime))
         if not self._segments:
             self._open_segment(1)
+            self.last_seq = 0
             return
         active = self._segments[-1]
         # Scan the active segment: its last whole, parseable line gives the last seq; a
@@ -174,14 +202,13 @@ class Journal:
                 f.truncate(good)
                 os.fsync(f.fileno())
         active.size, active.count, active.index = good, count, index
-        self.last_seq = seq
+        self.last_seq = self._written_seq = seq
         self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
 
     def _open_segment(self, first_seq: int, sync_dir: bool = True) -> None:
         path = self.dir / f"{first_seq:020d}{SUFFIX}"
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._segments.append(_Segment(first_seq, path, index=[]))
-        self.last_seq = first_seq - 1
         if sync_dir:
             self._fsync_dir()
 
@@ -201,35 +228,129 @@ class Journal:
             return self._segments[0].first_seq
 
     def append(self, alerts: Sequence[Alert]) -> None:
-        """Number the alerts (Alert.seq) and write them in one write."""
+        """Number the alerts (Alert.seq) and write them in one write. Never raises for the
+        disk: while it refuses writes, the lines wait in memory (see the module doc)."""
         if not alerts:
             return
         with self._lock:
-            active = self._segments[-1]
-            assert active.index is not None
-            parts = []
-            offset = active.size
             for alert in alerts:
                 self.last_seq += 1
                 alert.seq = self.last_seq
                 line = encode(alert)
-                if active.count % INDEX_EVERY == 0:
-                    active.index.append((alert.seq, offset))
-                active.count += 1
-                offset += len(line)
-                parts.append(line)
-            data = b"".join(parts)
-            written = os.write(self._fd, data)
-            while written < len(data):  # regular files write whole, but be exact
-                written += os.write(self._fd, data[written:])
-            active.size = offset
+                self._pending.append((alert, line))
+                self.health.backlog_bytes += len(line)
             self._cache.extend(alerts)
-            self._dirty = True  # the flusher thread fsyncs: appends never wait for the disk
+            if not self.health.failing:  # while failing, the flusher retries
+                self._drain_locked()
+            self._bound_backlog_locked()
+            self.health.backlog = len(self._pending)
+            self._retain_locked()
+
+    def _drain_locked(self) -> None:
+        """Write the waiting lines, in order, a segment's worth per write."""
+        while self._pending:
+            active = self._segments[-1]
+            lines: list[bytes] = []
+            size = active.size
+            for _alert, line in self._pending:
+                lines.append(line)
+                size += len(line)
+                if size >= self.options.segment_bytes:
+                    break
+            data = b"".join(lines)[self._head_written :]
+            written, error = self._write_locked(data)
+            self._commit_locked(active, written)
+            if error is not None:
+                self._failed_locked(error)
+                return
             if active.size >= self.options.segment_bytes or (
                 time.time() - active.created > self.options.max_age_s / 8
             ):
                 self._roll_locked()
-            self._retain_locked()
+        self.health.backlog = 0
+        if self.health.failing:
+            self._recovered_locked()
+
+    def _write_locked(self, data: bytes) -> tuple[int, OSError | None]:
+        """Bytes of `data` written before an error (regular files write whole when they
+        can; a full disk writes part, then refuses)."""
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError as exc:
+            return written, exc
+        return written, None
+
+    def _commit_locked(self, active: _Segment, written: int) -> None:
+        """Account `written` bytes to the waiting lines they completed."""
+        assert active.index is not None
+        if written:
+            self._dirty = True  # the flusher thread fsyncs: appends never wait for the disk
+        while written and self._pending:
+            alert, line = self._pending[0]
+            need = len(line) - self._head_written
+            if written < need:
+                self._head_written += written
+                return
+            written -= need
+            if active.count % INDEX_EVERY == 0:
+                active.index.append((alert.seq, active.size))
+            active.count += 1
+            active.size += len(line)
+            self.health.backlog_bytes -= len(line)
+            self._head_written = 0
+            self._written_seq = alert.seq
+            self._pending.popleft()
+
+    def _failed_locked(self, exc: OSError) -> None:
+        h = self.health
+        h.write_errors += 1
+        h.backlog = len(self._pending)
+        if h.failing:
+            return
+        h.failing = exc.strerror or str(exc)
+        h.episodes += 1
+        log.error(
+            "journal %s: cannot write (%s): keeping %d alert(s) in memory (at most %d MiB) "
+            "and retrying until the disk takes them",
+            self.dir,
+            h.failing,
+            len(self._pending),
+            self.options.backlog_bytes >> 20,
+        )
+
+    def _recovered_locked(self) -> None:
+        log.warning(
+            "journal %s: writable again after %s; the alerts held in memory are on disk "
+            "(%d dropped so far: the backlog was full)",
+            self.dir,
+            self.health.failing,
+            self.health.dropped,
+        )
+        self.health.failing = ""
+
+    def _bound_backlog_locked(self) -> None:
+        """Over backlog_bytes, drop the oldest waiting lines that nothing of is on disk yet
+        (the head may be partly written: cutting it would tear the file)."""
+        h = self.health
+        dropped = 0
+        while h.backlog_bytes > self.options.backlog_bytes and len(self._pending) > 1:
+            keep = self._pending.popleft() if self._head_written else None
+            _alert, line = self._pending.popleft()
+            h.backlog_bytes -= len(line)
+            dropped += 1
+            if keep is not None:
+                self._pending.appendleft(keep)
+        if dropped:
+            if not h.dropped:
+                log.error(
+                    "journal %s: memory backlog full (%d MiB): dropping the oldest alerts "
+                    "not yet written (counted)",
+                    self.dir,
+                    self.options.backlog_bytes >> 20,
+                )
+            h.dropped += dropped
 
     def _fsync_locked(self) -> None:
         if self._dirty:
@@ -240,12 +361,21 @@ class Journal:
     def _roll_locked(self) -> None:
         # The flusher fsyncs and closes the old file and fsyncs the directory: a roll costs
         # the appending thread an open(), not two fsyncs.
+        first = self._pending[0][0].seq if self._pending else self.last_seq + 1
+        old = self._fd
+        try:
+            self._open_segment(first, sync_dir=False)
+        except OSError as exc:  # no room for a new file: the active one grows meanwhile
+            if not self._roll_refused:
+                log.warning("journal %s: cannot start a new segment: %s", self.dir, exc)
+            self._roll_refused = True
+            return
+        self._roll_refused = False
         if self._dirty:
-            self._to_close.append(self._fd)
+            self._to_close.append(old)
         else:
-            os.close(self._fd)
+            os.close(old)
         self._dirty = False
-        self._open_segment(self.last_seq + 1, sync_dir=False)
         self._dir_dirty = True
 
     def _retain_locked(self, by_age: bool = False) -> None:
@@ -284,7 +414,13 @@ class Journal:
             if time.monotonic() >= next_age_check:
                 self.enforce_retention()
                 next_age_check = time.monotonic() + 1.0
+            self._retry_backlog()
             self._flush_once()
+
+    def _retry_backlog(self) -> None:
+        with self._lock:
+            if self._pending and self.health.failing:
+                self._drain_locked()
 
     def _flush_once(self) -> None:
         with self._lock:
@@ -296,27 +432,46 @@ class Journal:
                 fd = os.dup(self._fd)  # a roll may close the original meanwhile
         # Outside the lock: appends go on during the fsyncs.
         for old in to_close:
-            os.fsync(old)
+            self._fsync_fd(old)
             os.close(old)
-            self.fsyncs += 1
         if fd >= 0:
             try:
-                os.fsync(fd)
-                self.fsyncs += 1
+                self._fsync_fd(fd)
             finally:
                 os.close(fd)
         if sync_dir:
-            self._fsync_dir()
+            try:
+                self._fsync_dir()
+            except OSError as exc:
+                log.error("journal %s: fsync of the directory failed: %s", self.dir, exc)
+
+    def _fsync_fd(self, fd: int) -> None:
+        """fsync; a failure is logged (the flusher thread must outlive a bad disk)."""
+        try:
+            os.fsync(fd)
+            self.fsyncs += 1
+        except OSError as exc:
+            self.health.write_errors += 1
+            log.error("journal %s: fsync failed: %s", self.dir, exc)
 
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
         self._flusher.join()
+        self._retry_backlog()
         self._flush_once()
         with self._lock:
+            if self._pending:
+                log.error(
+                    "journal %s: %d alert(s) held in memory never reached the disk (%s)",
+                    self.dir,
+                    len(self._pending),
+                    self.health.failing,
+                )
             if self._fd >= 0:
-                self._fsync_locked()
+                with contextlib.suppress(OSError):
+                    self._fsync_locked()
                 os.close(self._fd)
                 self._fd = -1
             os.close(self._lock_fd)
@@ -337,6 +492,9 @@ class Journal:
                 return ReadResult(
                     [cache[j] for j in range(i, min(i + limit, len(cache)))], first, last
                 )
+            if self._pending and start > self._written_seq:  # not on disk yet
+                waiting = [a for a, _line in self._pending if a.seq >= start]
+                return ReadResult(waiting[:limit], first, last)
             starts = [s.first_seq for s in self._segments]
             k = bisect.bisect_right(starts, start) - 1
             segment = self._segments[k]

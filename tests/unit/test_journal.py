@@ -1,14 +1,18 @@
-"""The alert journal: numbering across restarts, torn tails, retention, reads."""
+"""The alert journal: numbering across restarts, torn tails, retention, reads, a full disk."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.alerts import make_alert
+from zonewatch import journal as journal_mod
 from zonewatch.errors import ConfigError
 from zonewatch.journal import Journal, JournalOptions, decode, encode
 
@@ -132,5 +136,124 @@ def test_flusher_fsyncs_soon_after_a_write(tmp_path: Path) -> None:
         while j.fsyncs == 0 and time.monotonic() < deadline:
             time.sleep(0.01)  # polling a counter the flusher thread bumps; no event to await
         assert j.fsyncs >= 1
+    finally:
+        j.close()
+
+
+# -- a disk that refuses writes ----------------------------------------------------------------
+
+
+class FullDisk:
+    """The journal's os.write as a disk with `room` bytes left: a short write, then ENOSPC
+    (what ext4 and tmpfs do). `room = None` is a disk with space again."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, room: int | None) -> None:
+        self.room = room
+        self.refused = 0
+        self._write = os.write
+        monkeypatch.setattr(journal_mod.os, "write", self.write)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if self.room is None:
+            return self._write(fd, data)
+        if self.room == 0:
+            self.refused += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = self._write(fd, bytes(data[: self.room]))
+        self.room -= n
+        return n
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the flusher thread never got there"
+        time.sleep(0.01)  # polling state the flusher thread changes; no event to await
+
+
+def on_disk(directory: Path) -> list[int]:
+    """The seqs of the whole lines in the segment files."""
+    return [
+        decode(line).seq
+        for p in sorted(directory.glob("*.seg"))
+        for line in p.read_bytes().splitlines(keepends=True)
+        if line.endswith(b"\n")
+    ]
+
+
+def test_a_full_disk_keeps_alerts_in_memory_logs_once_and_flushes_when_space_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    j = Journal(tmp_path, JournalOptions(fsync_interval_s=0.01))
+    try:
+        line = len(encode(make_alert(0)))
+        disk = FullDisk(monkeypatch, room=line + line // 2)  # one line and a half fit
+        batches = [[make_alert(i)] for i in range(40)]
+        for batch in batches:
+            j.append(batch)  # never raises
+        assert [b[0].seq for b in batches] == list(range(1, 41))
+        assert j.health.failing and j.health.episodes == 1
+        assert j.health.backlog == 39
+        wait_until(lambda: disk.refused >= 3)  # the flusher retries with no new append
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "No space left" in errors[0].getMessage()
+        # Readers see every alert, numbered, while most are not on disk.
+        assert [a.seq for a in j.read_after(0, limit=100).alerts] == list(range(1, 41))
+        assert on_disk(tmp_path) == [1]
+        assert not next(tmp_path.glob("*.seg")).read_bytes().endswith(b"\n")  # half a line
+        disk.room = None
+        wait_until(lambda: j.health.backlog == 0)
+        assert not j.health.failing and j.health.dropped == 0
+        assert on_disk(tmp_path) == list(range(1, 41))  # the half line was completed
+    finally:
+        j.close()
+    j = Journal(tmp_path)
+    assert j.last_seq == 40
+    assert [a.evidence["n"] for a in j.read_after(0, limit=100).alerts] == list(range(40))
+    j.close()
+
+
+def test_the_memory_backlog_is_bounded_drops_the_oldest_and_readers_see_the_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    line = len(encode(make_alert(0)))
+    opts = JournalOptions(fsync_interval_s=0.01, backlog_bytes=10 * line, cache_records=0)
+    j = Journal(tmp_path, opts)
+    try:
+        disk = FullDisk(monkeypatch, room=0)
+        for i in range(50):
+            j.append([make_alert(i)])
+        kept = j.health.backlog
+        assert 5 <= kept <= 10
+        assert j.health.dropped == 50 - kept
+        assert j.health.backlog_bytes <= 10 * line
+        # The newest alerts stay readable; the dropped ones are a gap the reader sees.
+        assert [a.seq for a in j.read_after(0, limit=100).alerts] == list(range(51 - kept, 51))
+        disk.room = None
+        wait_until(lambda: j.health.backlog == 0)
+    finally:
+        j.close()
+    j = Journal(tmp_path, opts)  # numbering continues after the newest, never reuses a seq
+    assert j.last_seq == 50
+    assert on_disk(tmp_path) == list(range(51 - kept, 51))
+    j.close()
+
+
+def test_a_segment_roll_on_a_full_disk_keeps_the_active_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = Journal(tmp_path, JournalOptions(segment_bytes=1024, fsync_interval_s=0.01))
+    try:
+        disk = FullDisk(monkeypatch, room=3000)
+        for i in range(60):
+            j.append([make_alert(i)])
+        assert j.health.failing
+        disk.room = None
+        wait_until(lambda: j.health.backlog == 0)
+        assert len(list(tmp_path.glob("*.seg"))) > 3
+        assert on_disk(tmp_path) == list(range(1, 61))
+        for seg in tmp_path.glob("*.seg"):  # each segment is named by its first seq
+            lines = seg.read_bytes().splitlines()
+            assert not lines or decode(lines[0]).seq == int(seg.stem)
     finally:
         j.close()

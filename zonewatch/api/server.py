@@ -260,22 +260,28 @@ class AlertServicer:
                 self._reader, journal.read_after, sub.position, REPLAY_CHUNK
             )
             if result.first_seq > sub.position + 1:
-                missed = result.first_seq - sub.position - 1
-                sub.position = result.first_seq - 1
-                yield pb.SubscribeResponse(
-                    cursor=pb.Cursor(boot_id=self.hub.boot_id, seq=sub.position),
-                    lost=pb.Lost(
-                        source="journal", count=missed, first_available_seq=result.first_seq
-                    ),
-                ).SerializeToString()
+                yield self._lost(sub, result.first_seq)
             for alert in result.alerts:
                 if alert.seq <= sub.position:
                     continue
+                if alert.seq > sub.position + 1:  # never written: the journal's disk was full
+                    yield self._lost(sub, alert.seq)
                 sub.position = alert.seq
                 if sub.matcher(alert):
                     yield self.hub.response(alert)
             if not result.alerts or sub.position >= result.last_seq:
                 return
+
+    def _lost(self, sub: Subscription, first_available: int) -> bytes:
+        """An in-stream `lost` for the seqs between sub.position and `first_available`
+        (left retention, or never written); moves sub.position to just before it."""
+        missed = first_available - sub.position - 1
+        sub.position = first_available - 1
+        data: bytes = pb.SubscribeResponse(
+            cursor=pb.Cursor(boot_id=self.hub.boot_id, seq=sub.position),
+            lost=pb.Lost(source="journal", count=missed, first_available_seq=first_available),
+        ).SerializeToString()
+        return data
 
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)
