@@ -5,7 +5,7 @@ PYTEST := $(PY) -m pytest
 STAMP := .venv/.zonewatch-setup
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lint typecheck test test-unit test-integration test-e2e demo bench clean
+.PHONY: help setup lint typecheck test test-unit test-integration test-e2e test-resilience demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test-integration: $(STAMP) ## live BPF tests
 
 test-e2e: $(STAMP) ## tests on real lab zones
 	$(PYTEST) tests/e2e
+
+test-resilience: $(STAMP) ## event storm, zone churn, pid reuse, full disk, failing consumers, hostile strings
+	$(PYTEST) tests/resilience
 
 demo: $(STAMP) ## lab zones of two tenants + the agent printing JSON lines (Ctrl-C stops all)
 	@bash scripts/setup.sh >/dev/null

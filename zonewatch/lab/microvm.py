@@ -9,6 +9,13 @@ HLT exit against a time.monotonic() schedule. The counts are written as JSON to 
 (atomically, about every 0.5 s and at exit) so tests can compare what the agent's probes
 see with what really happened.
 
+Two optional devices make it a zone like the others: `--tap NAME` holds an existing tap
+open as QEMU's `-netdev tap` does (the inventory finds it in /proc/PID/fdinfo), and
+`--file-dir DIR` is a toy file backend: for every port write the guest makes, the VMM
+writes one byte to each of `--file-ops` files DIR/blk-<n % 64> through a directory fd
+(open, write, close), as QEMU's 9p server acts on a guest's behalf: a guest-driven source of
+file-channel records (3 per file: open, first write, close).
+
     python -m zonewatch.lab.microvm --name demo --rate 2000 --stats /tmp/demo.json
 
 How others find it: the command line contains "zonewatch.lab.microvm", the main thread's
@@ -331,6 +338,9 @@ class MicroVmConfig:
     mmio_addr: int = DEFAULT_MMIO_ADDR
     duration: float = 0.0  # seconds; 0 = until SIGTERM/SIGINT
     stats: Path | None = None
+    tap: str = ""  # an existing tap held open while the VM runs
+    file_dir: Path | None = None  # the toy file backend's folder (see the module doc)
+    file_ops: int = 1  # files the backend writes per port write
 
     def validate(self) -> None:
         if not self.name:
@@ -355,6 +365,10 @@ class MicroVmConfig:
             )
         if TSS_ADDR <= self.mmio_addr < TSS_ADDR + 3 * 0x1000:
             raise ConfigError("--mmio-addr", f"overlaps the TSS pages at {TSS_ADDR:#x}")
+        if not 1 <= self.file_ops <= 4096:
+            raise ConfigError("--file-ops", f"must be in 1..4096, got {self.file_ops}")
+        if len(self.tap.encode(errors="surrogateescape")) > 15:
+            raise ConfigError("--tap", f"{self.tap!r} is longer than 15 bytes")
 
 
 @dataclass(slots=True)
@@ -436,8 +450,11 @@ class MicroVm:
         self._vcpu_fd = -1
         self._mem: mmap.mmap | None = None
         self._run: mmap.mmap | None = None
+        self._file_dir_fd = -1
         try:
             self._setup()
+            if config.file_dir is not None:
+                self._open_file_dir(config.file_dir)
         except BaseException:
             self.close()
             raise
@@ -514,11 +531,30 @@ class MicroVm:
         regs.rflags = X86_RFLAGS_RESERVED
         fcntl.ioctl(self._vcpu_fd, KVM_SET_REGS, regs)
 
+    def _open_file_dir(self, path: Path) -> None:
+        try:
+            self._file_dir_fd = os.open(path, os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ConfigError("--file-dir", f"{path}: {exc.strerror}") from None
+
+    def backend_write(self, n: int, data: int) -> None:
+        """The toy file backend: one byte to each of file_ops files blk-<i % 64> (open,
+        write, close)."""
+        byte = bytes((data & 0xFF,))
+        flags = os.O_WRONLY | os.O_CREAT
+        first = n * self.config.file_ops
+        for i in range(first, first + self.config.file_ops):
+            fd = os.open(f"blk-{i % 64}", flags, 0o600, dir_fd=self._file_dir_fd)
+            try:
+                os.write(fd, byte)
+            finally:
+                os.close(fd)
+
     def close(self) -> None:
         if self._run is not None:
             self._run.close()
             self._run = None
-        for attr in ("_vcpu_fd", "_vm_fd", "_kvm_fd"):
+        for attr in ("_vcpu_fd", "_vm_fd", "_kvm_fd", "_file_dir_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 os.close(fd)
@@ -561,6 +597,7 @@ class MicroVm:
         pages = counts.mmio_pages
         monotonic = time.monotonic
         interval = 1.0 / self.config.rate if self.config.rate > 0 else 0.0
+        backend = self.backend_write if self._file_dir_fd >= 0 else None
 
         start = monotonic()
         with lock:
@@ -584,6 +621,8 @@ class MicroVm:
                 with lock:
                     counts.io += 1
                     ports[port] = ports.get(port, 0) + 1
+                if backend is not None:
+                    backend(counts.io, run[data_offset])
             elif reason == KVM_EXIT_MMIO:
                 phys_addr, _data, length, is_write = mmio_unpack(run, RUN_UNION_OFFSET)
                 if not is_write:  # a read of nothing: zeros
@@ -657,6 +696,16 @@ def write_stats(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _open_tap(name: str) -> Any:
+    """Attach to tap `name` (it must exist, as QEMU's script=no taps do); held until exit."""
+    from zonewatch.lab.tapfd import TapFd
+
+    try:
+        return TapFd(name)
+    except OSError as exc:
+        raise EnvironmentProblem(f"tap {name}", f"cannot attach: {exc.strerror}") from None
+
+
 def serve(config: MicroVmConfig) -> int:
     """Run the micro-VM in this process until duration, a signal, or a guest error."""
     set_comm(PROCESS_COMM)
@@ -666,6 +715,7 @@ def serve(config: MicroVmConfig) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    tap = _open_tap(config.tap) if config.tap else None
     vm = MicroVm(config)
     thread = threading.Thread(target=vm.run_vcpu, args=(stop,), name="zw-vcpu0", daemon=True)
     try:
@@ -691,6 +741,8 @@ def serve(config: MicroVmConfig) -> int:
             print(json.dumps(final), flush=True)
         if not thread.is_alive():  # never pull the memory from under a running vCPU
             vm.close()
+        if tap is not None:
+            tap.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if vm.error is not None:
@@ -736,6 +788,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="JSON stats file, rewritten every 0.5 s (default: print at exit)",
     )
+    p.add_argument("--tap", default="", help="hold this existing tap open, as QEMU does")
+    p.add_argument(
+        "--file-dir",
+        type=Path,
+        default=None,
+        help="toy file backend: each port write writes a byte to --file-ops files in DIR",
+    )
+    p.add_argument("--file-ops", type=int, default=1, help="files per port write (1)")
     p.add_argument(
         "--parent-pid",
         type=int,
@@ -761,6 +821,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             mmio_addr=args.mmio_addr,
             duration=args.duration,
             stats=args.stats,
+            tap=args.tap,
+            file_dir=args.file_dir,
+            file_ops=args.file_ops,
         )
         return serve(config)
     except ZonewatchError as exc:
@@ -789,6 +852,9 @@ class MicroVmProcess:
         mmio_addr: int = DEFAULT_MMIO_ADDR,
         duration: float = 0.0,
         stats: Path | None = None,
+        tap: str = "",
+        file_dir: Path | None = None,
+        file_ops: int = 1,
         python: str = sys.executable,
     ) -> None:
         self.config = MicroVmConfig(
@@ -800,6 +866,9 @@ class MicroVmProcess:
             mmio_addr=mmio_addr,
             duration=duration,
             stats=stats,
+            tap=tap,
+            file_dir=file_dir,
+            file_ops=file_ops,
         )
         self.config.validate()
         self.python = python
@@ -824,6 +893,9 @@ class MicroVmProcess:
             "--duration", repr(c.duration),
             "--stats", str(self.stats_path),
             "--parent-pid", str(os.getpid()),
+            *(("--tap", c.tap) if c.tap else ()),
+            *(("--file-dir", str(c.file_dir), "--file-ops", str(c.file_ops))
+              if c.file_dir is not None else ()),
         ]  # fmt: skip
 
     @property
