@@ -10,7 +10,7 @@ from zonewatch.model import Zone, zone_pids
 from zonewatch.probes.base import ZonePidFilter, sum_percpu
 from zonewatch.probes.loader import load_program, syscall_tracepoint_defines
 from zonewatch.probes.maps import RecordRingReader
-from zonewatch.probes.records import LostSource, Record, decode
+from zonewatch.probes.records import DECODERS, LostSource, Record
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class FileProbe:
         cflags.append(f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}")
         self._bpf = load_program("file.c", cflags)
         self._filter = ZonePidFilter(self._bpf[b"zone_pids"])
-        self._reader = RecordRingReader(self._bpf, "events", decode)
+        self._reader = RecordRingReader(self._bpf, "events", DECODERS)
 
     @property
     def bpf(self) -> Any:

@@ -28,11 +28,9 @@ from zonewatch.probes.maps import MapReader, RecordRingReader
 from zonewatch.probes.records import (
     KVM_DECODERS,
     CountLostSource,
-    DecodeErrors,
     HistKind,
     KvmCounter,
     KvmRecord,
-    decode_with,
 )
 
 # The snapshot types are part of this probe's API: importable from here.
@@ -81,10 +79,6 @@ def _zone_key(key: Any, value: Any) -> int:
     """The zone of a map entry: in the key of counter maps, in the value of `vcpus`."""
     holder = key if hasattr(key, "zone_key") else value
     return int(holder.zone_key)
-
-
-def _decode_kvm(data: bytes, errors: DecodeErrors) -> KvmRecord | None:
-    return decode_with(KVM_DECODERS, data, errors)
 
 
 class KvmProbe:
@@ -139,7 +133,7 @@ class KvmProbe:
         self._bpf = load_program("kvm.c", cflags)
         self._pids = ZonePidFilter(self._bpf[b"zone_pids"])
         self._tids = ZonePidFilter(self._bpf[b"zone_tids"])
-        self._reader = RecordRingReader(self._bpf, "events", _decode_kvm)
+        self._reader = RecordRingReader(self._bpf, "events", KVM_DECODERS)
 
     @property
     def bpf(self) -> Any:

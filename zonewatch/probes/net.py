@@ -38,13 +38,11 @@ from zonewatch.probes.maps import MapReader, RecordRingReader
 from zonewatch.probes.records import (
     NET_DECODERS,
     CountLostSource,
-    DecodeErrors,
     FlowKey,
     FlowTotals,
     NetDir,
     NetOp,
     NetRecord,
-    decode_with,
     flow_key,
     flow_totals,
 )
@@ -455,10 +453,6 @@ class ZoneAddresses:
 # ---- the probe --------------------------------------------------------------------------
 
 
-def _decode_net(data: bytes, errors: DecodeErrors) -> NetRecord | None:
-    return decode_with(NET_DECODERS, data, errors)
-
-
 class NetProbe:
     """Loads bpf/net.c and keeps its tc filters on the zones' taps."""
 
@@ -517,7 +511,7 @@ class NetProbe:
             self.detach()
             raise EnvironmentProblem("bpf/net.c", f"tc programs not loaded: {exc}") from exc
         self._tc = TcFilters(fds)
-        self._reader = RecordRingReader(self._bpf, "events", _decode_net)
+        self._reader = RecordRingReader(self._bpf, "events", NET_DECODERS)
         with self._ipr() as ipr:
             self.leftovers_removed = clear_leftovers(ipr)
         if self.leftovers_removed:

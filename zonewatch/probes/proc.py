@@ -33,11 +33,9 @@ from zonewatch.probes.maps import RecordRingReader
 from zonewatch.probes.records import (
     PROC_DECODERS,
     CountLostSource,
-    DecodeErrors,
     ProcOp,
     ProcRecord,
     c_string,
-    decode_with,
 )
 
 log = logging.getLogger(__name__)
@@ -238,10 +236,6 @@ def outside_share_event(event: FileEvent) -> ProcEvent | None:
     )
 
 
-def _decode(data: bytes, errors: DecodeErrors) -> ProcRecord | None:
-    return decode_with(PROC_DECODERS, data, errors)
-
-
 class ProcProbe:
     """Loads bpf/proc.c; its records are what zone processes do themselves."""
 
@@ -281,7 +275,7 @@ class ProcProbe:
         cflags.append(f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}")
         self._bpf = load_program("proc.c", cflags)
         self._filter = ZonePidFilter(self._bpf[b"zone_pids"])
-        self._reader = RecordRingReader(self._bpf, "events", _decode)
+        self._reader = RecordRingReader(self._bpf, "events", PROC_DECODERS)
 
     @property
     def bpf(self) -> Any:
