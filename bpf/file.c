@@ -1,16 +1,30 @@
 /* zonewatch file channel: file operations that zones' backend processes (QEMU's 9p server,
  * virtiofsd) make on the guest's behalf.
  *
- * Syscall tracepoints, filtered first by the zone_pids map so a non-zone process pays one
- * hash lookup. Path operations stash their arguments at entry and emit one record at exit
- * with the result. Reads and writes are counted per (pid, fd) in the kernel; only the
- * first of an open period and the close (with totals) cross into user space.
+ * Two ways to hook them, one chosen at build time; the maps, helpers and records are
+ * shared (bcc rewrites map accesses in the main file only, hence one file, not a header):
  *
- * Each probe is compiled only when its tracepoint exists (-DZW_TP_<name>, set by the
- * loader), so one source serves kernels with and without e.g. fchmodat2.
+ * - syscall tracepoints (the default, `zonewatch run --file-hooks tracepoints`): a raw
+ *   syscall cannot bypass them, but attaching any syscall tracepoint moves every syscall
+ *   of every process on the host onto the traced slow path. Each probe is compiled only
+ *   when its tracepoint exists (-DZW_TP_<name>, set by the loader), so one source serves
+ *   kernels with and without e.g. fchmodat2.
+ * - -DZW_FILE_UPROBES (`--file-hooks uprobes`): uprobes and uretprobes on the libc
+ *   wrappers the backends call, attached per backend process by zonewatch/probes/uprobes.py.
+ *   A uprobe bound to one process costs that process only, and only on the calls it hooks.
+ *   The price: a compromised backend can bypass libc with a raw syscall (so can libc's
+ *   own internal calls, such as fopen's open), and each hooked call costs the backend a
+ *   trap into the kernel and back. A failed call returns -1 with the error in the
+ *   thread's errno, which a uretprobe cannot read: `ret` is -1 there, not -errno.
+ *
+ * Filtered first by the zone_pids map so a non-zone process pays one hash lookup. Path
+ * operations stash their arguments at entry and emit one record at exit with the result.
+ * Reads and writes are counted per (pid, fd) in the kernel; only the first of an open
+ * period and the close (with totals) cross into user space.
  */
 #include <uapi/linux/fcntl.h>
 #include <uapi/linux/openat2.h>
+#include <uapi/linux/ptrace.h>
 #include "zonewatch.h"
 
 /* pwritev2/preadv2 tracepoint formats name this kernel-internal type. */
@@ -196,6 +210,177 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		zone_pids.delete(&tgid);
 	return 0;
 }
+
+#ifdef ZW_FILE_UPROBES
+/* ==== uprobes on libc (zonewatch/probes/uprobes.py LIBC_HOOKS names the functions) ====
+ *
+ * Arguments are read from the registers of the x86-64 SysV call (PT_REGS_PARMn). A
+ * uretprobe sees the wrapper's return register: int returns are cast from 32 bits.
+ */
+#define ARG1 ((long)PT_REGS_PARM1(ctx))
+#define ARG2 ((long)PT_REGS_PARM2(ctx))
+#define ARG3 ((long)PT_REGS_PARM3(ctx))
+#define ARG4 ((long)PT_REGS_PARM4(ctx))
+#define ARG5 ((long)PT_REGS_PARM5(ctx))
+#define PTR(x) ((const char *)(x))
+
+/* open's mode is a variadic argument that libc passes to the kernel only when the flags
+ * need one (glibc's __OPEN_NEEDS_MODE); otherwise the kernel, and the tracepoint, see 0. */
+static __always_inline u32 open_mode(long flags, long mode)
+{
+	if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE)
+		return (u32)mode;
+	return 0;
+}
+
+/* ---- opens ---- */
+int zw_openat(struct pt_regs *ctx)  /* openat(dirfd, path, flags, mode) */
+{
+	return path_enter(ZW_FILE_OPEN, ARG1, PTR(ARG2), -1, 0, (int)ARG3,
+			  open_mode(ARG3, ARG4));
+}
+
+int zw_open(struct pt_regs *ctx)  /* open(path, flags, mode) */
+{
+	return path_enter(ZW_FILE_OPEN, AT_FDCWD, PTR(ARG1), -1, 0, (int)ARG2,
+			  open_mode(ARG2, ARG3));
+}
+
+int zw_creat(struct pt_regs *ctx)  /* creat(path, mode) */
+{
+	return path_enter(ZW_FILE_OPEN, AT_FDCWD, PTR(ARG1), -1, 0,
+			  O_CREAT | O_WRONLY | O_TRUNC, (u32)ARG2);
+}
+
+/* ---- namespace changes ---- */
+int zw_mkdirat(struct pt_regs *ctx)  /* mkdirat(dirfd, path, mode) */
+{
+	return path_enter(ZW_FILE_MKDIR, ARG1, PTR(ARG2), -1, 0, 0, (u32)ARG3);
+}
+
+int zw_mkdir(struct pt_regs *ctx)  /* mkdir(path, mode) */
+{
+	return path_enter(ZW_FILE_MKDIR, AT_FDCWD, PTR(ARG1), -1, 0, 0, (u32)ARG2);
+}
+
+int zw_mknodat(struct pt_regs *ctx)  /* mknodat(dirfd, path, mode, dev) */
+{
+	return path_enter(ZW_FILE_MKNOD, ARG1, PTR(ARG2), -1, 0, (u32)ARG4, (u32)ARG3);
+}
+
+int zw_unlinkat(struct pt_regs *ctx)  /* unlinkat(dirfd, path, flags) */
+{
+	return path_enter(ZW_FILE_UNLINK, ARG1, PTR(ARG2), -1, 0, (int)ARG3, 0);
+}
+
+int zw_unlink(struct pt_regs *ctx)  /* unlink(path) */
+{
+	return path_enter(ZW_FILE_UNLINK, AT_FDCWD, PTR(ARG1), -1, 0, 0, 0);
+}
+
+int zw_rmdir(struct pt_regs *ctx)  /* rmdir(path) */
+{
+	return path_enter(ZW_FILE_RMDIR, AT_FDCWD, PTR(ARG1), -1, 0, 0, 0);
+}
+
+int zw_renameat2(struct pt_regs *ctx)  /* renameat2(olddfd, old, newdfd, new, flags) */
+{
+	return path_enter(ZW_FILE_RENAME, ARG1, PTR(ARG2), ARG3, PTR(ARG4), (u32)ARG5, 0);
+}
+
+int zw_renameat(struct pt_regs *ctx)  /* renameat(olddfd, old, newdfd, new) */
+{
+	return path_enter(ZW_FILE_RENAME, ARG1, PTR(ARG2), ARG3, PTR(ARG4), 0, 0);
+}
+
+int zw_rename(struct pt_regs *ctx)  /* rename(old, new) */
+{
+	return path_enter(ZW_FILE_RENAME, AT_FDCWD, PTR(ARG1), AT_FDCWD, PTR(ARG2), 0, 0);
+}
+
+int zw_linkat(struct pt_regs *ctx)  /* linkat(olddfd, old, newdfd, new, flags) */
+{
+	return path_enter(ZW_FILE_LINK, ARG1, PTR(ARG2), ARG3, PTR(ARG4), (int)ARG5, 0);
+}
+
+int zw_symlinkat(struct pt_regs *ctx)  /* symlinkat(target, newdfd, linkpath) */
+{
+	/* The target is text, not a path resolved against a dirfd. */
+	return path_enter(ZW_FILE_SYMLINK, -1, PTR(ARG1), ARG2, PTR(ARG3), 0, 0);
+}
+
+/* ---- attributes ---- */
+int zw_fchmodat(struct pt_regs *ctx)  /* fchmodat(dirfd, path, mode, flags) */
+{
+	return path_enter(ZW_FILE_CHMOD, ARG1, PTR(ARG2), -1, 0, (int)ARG4, (u32)ARG3);
+}
+
+int zw_fchmod(struct pt_regs *ctx)  /* fchmod(fd, mode) */
+{
+	return fd_op_enter(ZW_FILE_CHMOD, ARG1, 0, (u32)ARG2);
+}
+
+int zw_fchownat(struct pt_regs *ctx)  /* fchownat(dirfd, path, user, group, flags) */
+{
+	return path_enter(ZW_FILE_CHOWN, ARG1, PTR(ARG2), -1, 0,
+			  ((u64)(u32)ARG3 << 32) | (u32)ARG4, 0);
+}
+
+int zw_fchown(struct pt_regs *ctx)  /* fchown(fd, user, group) */
+{
+	return path_enter(ZW_FILE_CHOWN, ARG1, 0, -1, 0, ((u64)(u32)ARG2 << 32) | (u32)ARG3, 0);
+}
+
+int zw_truncate(struct pt_regs *ctx)  /* truncate(path, length) */
+{
+	return path_enter(ZW_FILE_TRUNCATE, AT_FDCWD, PTR(ARG1), -1, 0, ARG2, 0);
+}
+
+int zw_ftruncate(struct pt_regs *ctx)  /* ftruncate(fd, length) */
+{
+	return path_enter(ZW_FILE_TRUNCATE, ARG1, 0, -1, 0, ARG2, 0);
+}
+
+/* QEMU's 9p "mapped" security models keep guest mode and owner in user.virtfs.* xattrs. */
+int zw_setxattr(struct pt_regs *ctx)  /* (l)setxattr(path, name, value, size, flags) */
+{
+	return path_enter(ZW_FILE_SETXATTR, AT_FDCWD, PTR(ARG1), -1, PTR(ARG2), (int)ARG5, 0);
+}
+
+int zw_fsetxattr(struct pt_regs *ctx)  /* fsetxattr(fd, name, value, size, flags) */
+{
+	return path_enter(ZW_FILE_SETXATTR, ARG1, 0, -1, PTR(ARG2), (int)ARG5, 0);
+}
+
+/* Return of every path operation above: each returns int. */
+int zw_path_ret(struct pt_regs *ctx)
+{
+	return path_exit((int)PT_REGS_RC(ctx));
+}
+
+/* ---- data: read/write/pread64/pwrite64/readv/writev/preadv/pwritev(2) take the fd first
+ * and return ssize_t. ---- */
+int zw_io(struct pt_regs *ctx)
+{
+	return io_enter(ARG1);
+}
+
+int zw_read_ret(struct pt_regs *ctx)
+{
+	return io_exit((long)PT_REGS_RC(ctx), 0);
+}
+
+int zw_write_ret(struct pt_regs *ctx)
+{
+	return io_exit((long)PT_REGS_RC(ctx), 1);
+}
+
+int zw_close(struct pt_regs *ctx)  /* close(fd) */
+{
+	return close_enter(ARG1);
+}
+
+#else /* syscall tracepoints */
 
 #define EXIT_PROBE(name) \
 	TRACEPOINT_PROBE(syscalls, sys_exit_##name) { return path_exit(args->ret); }
@@ -436,3 +621,5 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 	return close_enter(args->fd);
 }
 #endif
+
+#endif /* ZW_FILE_UPROBES */

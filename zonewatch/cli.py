@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also count emulated instructions and VMM time per exit (costs zones more)",
     )
     run.add_argument(
+        "--file-hooks",
+        choices=("tracepoints", "uprobes"),
+        default="tracepoints",
+        help="file channel: syscall tracepoints (default; no bypass, but every syscall on the "
+        "host takes the slow path) or uprobes on each zone process's libc (only zone "
+        "processes pay; a raw syscall bypasses them)",
+    )
+    run.add_argument(
         "--proc-syscalls",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -218,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent = Agent(
         inventory,
         [
-            FileProbe(),
+            FileProbe(hooks=getattr(args, "file_hooks", "tracepoints")),
             KvmProbe(tracepoints=KVM_TRACEPOINTS if args.kvm_detail else LEAN_TRACEPOINTS),
             SchedProbe(),
             NetProbe(idle_timeout_s=args.flow_idle),

@@ -9,12 +9,13 @@ from pathlib import Path
 from types import TracebackType
 
 SCRIPT = r"""
-import os, sys
+import os, sys, threading
 root = sys.argv[1]
 dfd = os.open(root, os.O_DIRECTORY | os.O_RDONLY)
 print("ready", flush=True)
-for line in sys.stdin:
-    cmd, *rest = line.split()
+
+
+def run(cmd, rest):
     if cmd == "create":
         fd = os.open(rest[0], os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=dfd)
         os.write(fd, b"x" * int(rest[1]))
@@ -35,8 +36,22 @@ for line in sys.stdin:
         os.unlink(rest[0], dir_fd=dfd)
     elif cmd == "rmdir":
         os.rmdir(rest[0], dir_fd=dfd)
-    elif cmd == "quit":
+    elif cmd == "open-missing":  # a failing open: the error is the record's return
+        try:
+            os.open(rest[0], os.O_RDONLY, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+    elif cmd == "thread":  # the rest of the line, in a thread started now
+        t = threading.Thread(target=run, args=(rest[0], rest[1:]))
+        t.start()
+        t.join()
+
+
+for line in sys.stdin:
+    cmd, *rest = line.split()
+    if cmd == "quit":
         break
+    run(cmd, rest)
     print("done", flush=True)
 """
 

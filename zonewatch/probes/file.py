@@ -1,16 +1,26 @@
-"""The file channel's probe: bpf/file.c on syscall tracepoints, filtered by zone pid."""
+"""The file channel's probe, filtered by zone pid in the kernel, on one of two hooks:
+
+tracepoints  bpf/file.c on syscall tracepoints (the default). A raw syscall cannot bypass
+             them, but attaching any syscall tracepoint moves every syscall of every
+             process on the host onto the traced slow path.
+uprobes      bpf/file.c built with -DZW_FILE_UPROBES: uprobes on the libc wrappers of
+             each zone process, attached when it appears and detached when it goes
+             (zonewatch/probes/uprobes.py). Nothing else on the host pays; a backend that
+             makes raw syscalls is not seen.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from zonewatch.model import Zone, zone_pids
 from zonewatch.probes.base import ZonePidFilter, sum_percpu
 from zonewatch.probes.loader import load_program, syscall_tracepoint_defines
 from zonewatch.probes.maps import RecordRingReader
 from zonewatch.probes.records import DECODERS, LostSource, Record
+from zonewatch.probes.uprobes import LibcUprobes
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +36,39 @@ FILE_SYSCALLS = (
 )  # fmt: skip
 ENTER_ONLY_SYSCALLS = ("close",)
 
+FileHooks = Literal["tracepoints", "uprobes"]
+FILE_HOOKS: tuple[FileHooks, ...] = ("tracepoints", "uprobes")
+
 
 class FileProbe:
-    """Loads bpf/file.c; its records are file operations of zone processes."""
+    """Loads bpf/file.c (for uprobes with -DZW_FILE_UPROBES); its records are file
+    operations of zone processes, the same records either way."""
 
     name = "file"
 
-    def __init__(self, ringbuf_pages: int = 256) -> None:
+    def __init__(self, ringbuf_pages: int = 256, hooks: FileHooks = "tracepoints") -> None:
+        if hooks not in FILE_HOOKS:
+            raise ValueError(f"file hooks: {hooks!r} is none of {', '.join(FILE_HOOKS)}")
+        self.hooks = hooks
         self._ringbuf_pages = ringbuf_pages
         self._bpf: Any = None
         self._filter: ZonePidFilter | None = None
         self._reader: RecordRingReader[Record] | None = None
+        self._uprobes: LibcUprobes | None = None
         self.missing: list[str] = []
 
     def attach(self) -> None:
+        if self.hooks == "uprobes":
+            self._bpf = load_program(
+                "file.c", ["-DZW_FILE_UPROBES=1", f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}"]
+            )
+            self._uprobes = LibcUprobes(self._bpf)
+        else:
+            self._bpf = load_program("file.c", self._tracepoint_cflags())
+        self._filter = ZonePidFilter(self._bpf[b"zone_pids"])
+        self._reader = RecordRingReader(self._bpf, "events", DECODERS)
+
+    def _tracepoint_cflags(self) -> list[str]:
         cflags, self.missing = syscall_tracepoint_defines(FILE_SYSCALLS)
         # close has no exit probe; only its entry must exist.
         close_flags, missing_close = syscall_tracepoint_defines(ENTER_ONLY_SYSCALLS)
@@ -51,9 +80,7 @@ class FileProbe:
                 ", ".join(self.missing),
             )
         cflags.append(f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}")
-        self._bpf = load_program("file.c", cflags)
-        self._filter = ZonePidFilter(self._bpf[b"zone_pids"])
-        self._reader = RecordRingReader(self._bpf, "events", DECODERS)
+        return cflags
 
     @property
     def bpf(self) -> Any:
@@ -65,6 +92,15 @@ class FileProbe:
     def set_zone_pids(self, pids: Mapping[int, int]) -> None:
         assert self._filter is not None, "attach() first"
         self._filter.sync(pids)
+        if self._uprobes is not None:
+            # After the filter: a process hooked is already a zone's, so its first call
+            # is attributed.
+            self._uprobes.sync(pids)
+
+    @property
+    def hooked_pids(self) -> set[int]:
+        """uprobes: the processes whose libc is hooked now (empty with tracepoints)."""
+        return self._uprobes.pids if self._uprobes is not None else set()
 
     def ring_fds(self) -> list[int]:
         return [self._reader.fd] if self._reader else []
@@ -85,6 +121,9 @@ class FileProbe:
         }
 
     def detach(self) -> None:
+        if self._uprobes is not None:
+            self._uprobes.close(wait=True)
+            self._uprobes = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
