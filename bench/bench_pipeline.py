@@ -457,7 +457,7 @@ def rig(zones: Sequence[Zone], tmp: Path, drive: Any, rules: RuleSet | None) -> 
 
 def _start_clock(agent: Agent) -> None:
     # Record times become "now" onwards, so de-duplication windows close as they would live.
-    agent.attribution.files.clock._offset = time.time_ns() - 1_000_000_000
+    agent.attribution.files.clock.offset = time.time_ns() - 1_000_000_000
 
 
 # ---- the measurements -----------------------------------------------------------------------

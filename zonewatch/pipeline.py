@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from zonewatch.model import FileEvent, KvmEvent, NetEvent, ProcEvent, Share, Zone
+from zonewatch.model import FileEvent, KvmEvent, NetEvent, ProcEvent, Share, Zone, ZoneRef
 from zonewatch.probes.net import net_event
 from zonewatch.probes.proc import outside_share_event, proc_event
 from zonewatch.probes.records import (
@@ -54,6 +54,7 @@ PATH_OPS = {
     FileOp.MKNOD: "mknod",
 }
 MAX_TRACKED_FDS = 65536
+_NO_RET = frozenset({FileOp.CLOSE, FileOp.READ, FileOp.WRITE})  # their ret is not the event's
 
 
 def text(raw: bytes) -> str:
@@ -65,10 +66,10 @@ class MonotonicClock:
     """Converts the kernel's CLOCK_MONOTONIC stamps to wall-clock ns since the epoch."""
 
     def __init__(self) -> None:
-        self._offset = time.time_ns() - time.monotonic_ns()
+        self.offset = time.time_ns() - time.monotonic_ns()
 
     def wall(self, mono_ns: int) -> int:
-        return mono_ns + self._offset
+        return mono_ns + self.offset
 
 
 @dataclass(slots=True)
@@ -126,6 +127,37 @@ class FdTable:
         return posixpath.normpath(posixpath.join(base, name)) if name else base
 
 
+class ZoneView:
+    """What attribution needs of a zone for every record, made once per Zone object: its
+    ZoneRef (events share it) and its shares' host roots. The inventory replaces a Zone
+    when anything about it changes (dataclasses.replace), so a view is valid while its
+    Zone object is the one the inventory hands out."""
+
+    __slots__ = ("ref", "shares", "zone")
+
+    def __init__(self, zone: Zone) -> None:
+        self.zone = zone
+        self.ref = zone.ref
+        # (root, root + "/", tag, guest base): guest_view()'s test and join, precomputed.
+        self.shares = tuple(
+            (root, root + "/", s.tag, s.guest_path.rstrip("/"))
+            for s in zone.shares
+            for root in (s.host_path.rstrip("/"),)
+        )
+
+    def guest_view(self, host_path: str) -> tuple[str, str]:
+        """guest_view(zone, host_path), from the precomputed roots."""
+        for root, prefix, tag, base in self.shares:
+            if host_path.startswith(prefix) or host_path == root:
+                rel = host_path[len(root) :].lstrip("/")
+                return tag, (f"{base}/{rel}" if rel else (base or "/"))
+        return "", ""
+
+
+MAX_VIEWS = 4096
+MAX_COMMS = 4096
+
+
 def guest_view(zone: Zone, host_path: str) -> tuple[str, str]:
     """(mount tag, path as the guest sees it) for a host path inside one of the zone's shares."""
     for share in zone.shares:
@@ -141,10 +173,6 @@ def _join_guest(share: Share, rel: str) -> str:
     return f"{base}/{rel}" if rel else (base or "/")
 
 
-def _inside_shares(zone: Zone, host_path: str) -> bool:
-    return bool(guest_view(zone, host_path)[0])
-
-
 class FileEventBuilder:
     """FileRecord + its zone -> FileEvent (or None for records that only update state)."""
 
@@ -152,8 +180,29 @@ class FileEventBuilder:
         self.fds = FdTable(proc)
         self.clock = clock or MonotonicClock()
         self.stats = PipelineStats()
+        self._views: dict[int, ZoneView] = {}  # zone key -> the view of its current Zone
+        self._comms: dict[bytes, str] = {}  # a backend's few thread names, decoded once
 
-    def build(self, rec: FileRecord, zone: Zone) -> FileEvent | None:
+    def view(self, zone: Zone) -> ZoneView:
+        """The zone's ZoneView (made anew when the inventory replaced the Zone)."""
+        view = self._views.get(zone.key)
+        if view is None or view.zone is not zone:
+            if len(self._views) >= MAX_VIEWS:
+                self._views.clear()
+            view = self._views[zone.key] = ZoneView(zone)
+        return view
+
+    def comm(self, raw: bytes) -> str:
+        name = self._comms.get(raw)
+        if name is None:
+            if len(self._comms) >= MAX_COMMS:
+                self._comms.clear()
+            name = self._comms[raw] = text(raw)
+        return name
+
+    def build(self, rec: FileRecord, zone: Zone, view: ZoneView | None = None) -> FileEvent | None:
+        if view is None:
+            view = self.view(zone)
         pid, op = rec.pid, rec.op
         host = new_host = ""
         op_name = ""
@@ -162,7 +211,7 @@ class FileEventBuilder:
             host = self.fds.resolve(pid, rec.dirfd, rec.path)
             if rec.ret >= 0:
                 self.fds.remember(pid, rec.ret, host)
-            if rec.flags & (O_DIRECTORY | O_PATH) and _inside_shares(zone, host):
+            if rec.flags & (O_DIRECTORY | O_PATH) and view.guest_view(host)[0]:
                 self.stats.internal += 1  # a 9p walk step: state only
                 return None
             op_name = "create" if rec.flags & O_CREAT else "open"
@@ -189,32 +238,35 @@ class FileEventBuilder:
             if op in (FileOp.RENAME, FileOp.LINK):
                 new_host = self.fds.resolve(pid, rec.dirfd2, rec.path2)
             op_name = PATH_OPS[op]
-        share, guest = guest_view(zone, host)
-        new_guest = guest_view(zone, new_host)[1] if new_host else ""
+        share, guest = view.guest_view(host)
+        new_guest = view.guest_view(new_host)[1] if new_host else ""
+        # Positional, in FileEvent's field order (the hot path: keywords cost more).
         return FileEvent(
-            ts_ns=self.clock.wall(rec.ts_mono_ns),
-            zone=zone.ref,
-            op=op_name,
-            path=guest,
-            host_path=host,
-            pid=pid,
-            tid=rec.tid,
-            comm=text(rec.comm),
-            ret=rec.ret if op not in (FileOp.CLOSE, FileOp.READ, FileOp.WRITE) else 0,
-            new_path=new_guest,
-            new_host_path=new_host,
-            flags=rec.flags if op == FileOp.OPEN else 0,
-            mode=rec.mode,
-            bytes_read=bytes_read,
-            bytes_written=bytes_written,
-            share=share,
+            rec.ts_mono_ns + self.clock.offset,  # ts_ns: the wall clock
+            view.ref,  # zone
+            op_name,  # op
+            guest,  # path
+            host,  # host_path
+            pid,  # pid
+            rec.tid,  # tid
+            self.comm(rec.comm),  # comm
+            rec.ret if op not in _NO_RET else 0,  # ret
+            new_guest,  # new_path
+            new_host,  # new_host_path
+            rec.flags if op == FileOp.OPEN else 0,  # flags
+            rec.mode,  # mode
+            bytes_read,  # bytes_read
+            bytes_written,  # bytes_written
+            share,  # share
         )
 
 
-def kvm_event(rec: KvmRecord, zone: Zone, clock: MonotonicClock) -> KvmEvent:
+def kvm_event(
+    rec: KvmRecord, zone: Zone, clock: MonotonicClock, ref: ZoneRef | None = None
+) -> KvmEvent:
     return KvmEvent(
         ts_ns=clock.wall(rec.ts_mono_ns),
-        zone=zone.ref,
+        zone=zone.ref if ref is None else ref,
         op=rec.op.name.lower(),
         pid=rec.pid,
         tid=rec.tid,
@@ -238,29 +290,37 @@ class Attribution:
 
     def process(self, records: Iterable[ZoneRecord]) -> list[Event]:
         events: list[Event] = []
-        stats = self.files.stats
+        append = events.append
+        files = self.files
+        stats = files.stats
+        zone_of, view_of, build = self._zone_of, files.view, files.build
+        clock = files.clock
+        n = 0
         for rec in records:
-            stats.records += 1
-            zone = self._zone_of(rec.zone_key)
+            n += 1
+            zone = zone_of(rec.zone_key)
             if zone is None:
                 stats.unattributed += 1
                 continue
+            view = view_of(zone)
             event: Event | None
             if isinstance(rec, FileRecord):
-                event = self.files.build(rec, zone)
+                event = build(rec, zone, view)
                 # The proc channel's view of the same open: a host path outside the shares.
-                outside = outside_share_event(event) if event is not None else None
-                if outside is not None:
-                    events.append(outside)
-            elif isinstance(rec, KvmRecord):
-                event = kvm_event(rec, zone, self.files.clock)
+                if event is not None and not event.share:
+                    outside = outside_share_event(event)
+                    if outside is not None:
+                        append(outside)
             elif isinstance(rec, NetRecord):
-                event = net_event(rec, zone, self.files.clock.wall(rec.ts_mono_ns))
+                event = net_event(rec, zone, clock.wall(rec.ts_mono_ns), view.ref)
+            elif isinstance(rec, KvmRecord):
+                event = kvm_event(rec, zone, clock, view.ref)
             elif isinstance(rec, ProcRecord):
-                event = proc_event(rec, zone, self.files.clock.wall(rec.ts_mono_ns))
+                event = proc_event(rec, zone, clock.wall(rec.ts_mono_ns), ref=view.ref)
             else:
                 stats.unknown += 1
                 continue
             if event is not None:
-                events.append(event)
+                append(event)
+        stats.records += n
         return events

@@ -138,8 +138,24 @@ def parse_dns_query(msg: bytes) -> DnsQuestion:
     return DnsQuestion(name(), int.from_bytes(msg[pos : pos + 2], "big"))
 
 
+# Small bounded caches on the per-record path: a host's flows name few distinct addresses
+# and taps, and a zone asks the same names over and over. Emptied when full (a guest
+# choosing endless new values costs a refill, never memory).
+CACHE_MAX = 4096
+TAP_NAME_TTL_S = 1.0  # an ifindex's name is asked of the kernel again after this long
+_ip_texts: dict[bytes, str] = {}
+_tap_names: dict[int, tuple[str, float]] = {}
+_dns_questions: dict[bytes, DnsQuestion] = {}
+
+
 def ip_text(raw: bytes) -> str:
-    return str(ipaddress.ip_address(raw)) if len(raw) in (4, 16) else ""
+    text = _ip_texts.get(raw)
+    if text is None:
+        text = str(ipaddress.ip_address(raw)) if len(raw) in (4, 16) else ""
+        if len(_ip_texts) >= CACHE_MAX:
+            _ip_texts.clear()
+        _ip_texts[raw] = text
+    return text
 
 
 def proto_name(proto: int) -> str:
@@ -150,15 +166,43 @@ def tcp_flag_names(flags: int) -> list[str]:
     return [name for bit, name in enumerate(TCP_FLAG_NAMES) if flags & (1 << bit)]
 
 
+# Every combination of the eight named flags, as NetEvent.tcp_flags holds it.
+_TCP_FLAGS = tuple(tuple(tcp_flag_names(bits)) for bits in range(256))
+
+
 def _tap_name(ifindex: int) -> str:
-    try:
-        return socket.if_indextoname(ifindex) if ifindex else ""
-    except OSError:  # the tap is gone already
+    if not ifindex:
         return ""
+    now = time.monotonic()
+    known = _tap_names.get(ifindex)
+    if known is not None and now - known[1] < TAP_NAME_TTL_S:
+        return known[0]
+    try:
+        name = socket.if_indextoname(ifindex)
+    except OSError:  # the tap is gone already
+        name = ""
+    if len(_tap_names) >= CACHE_MAX:
+        _tap_names.clear()
+    _tap_names[ifindex] = (name, now)
+    return name
 
 
-def net_event(rec: NetRecord, zone: Zone, wall_ns: int) -> NetEvent:
-    """A net record as the `net` event of its zone (wall_ns: the record's time)."""
+def _dns_question(msg: bytes) -> DnsQuestion:
+    """parse_dns_query(msg), remembered by everything after the message id (the rest of
+    the header and the question decide the result)."""
+    key = msg[2:]
+    question = _dns_questions.get(key)
+    if question is None:
+        question = parse_dns_query(msg)
+        if len(_dns_questions) >= CACHE_MAX:
+            _dns_questions.clear()
+        _dns_questions[key] = question
+    return question
+
+
+def net_event(rec: NetRecord, zone: Zone, wall_ns: int, ref: ZoneRef | None = None) -> NetEvent:
+    """A net record as the `net` event of its zone (wall_ns: the record's time; ref: the
+    zone's ZoneRef when the caller has it)."""
     key, flow = rec.key, rec.flow
     # Flows are told from their initiator's side, a DNS query from its packet's.
     outward = (rec.dir if rec.op == NetOp.DNS else flow.initiator) == NetDir.EGRESS
@@ -167,7 +211,7 @@ def net_event(rec: NetRecord, zone: Zone, wall_ns: int) -> NetEvent:
     (src_ip, src_port), (dst_ip, dst_port) = (local, remote) if outward else (remote, local)
     event = NetEvent(
         ts_ns=wall_ns,
-        zone=zone.ref,
+        zone=zone.ref if ref is None else ref,
         op=NET_OPS[rec.op],
         direction="egress" if outward else "ingress",
         proto=proto_name(key.proto),
@@ -183,14 +227,14 @@ def net_event(rec: NetRecord, zone: Zone, wall_ns: int) -> NetEvent:
         rx_packets=flow.rx_packets,
         tx_payload=flow.tx_payload,
         rx_payload=flow.rx_payload,
-        tcp_flags=tuple(tcp_flag_names(flow.tcp_flags)),
+        tcp_flags=_TCP_FLAGS[flow.tcp_flags & 0xFF],
         tap=_tap_name(flow.ifindex),
     )
     if rec.op == NetOp.FLOW_END:
         event.end_reason = "idle" if rec.idle else ("rst" if flow.tcp_flags & 0x04 else "fin")
         event.duration_s = max(flow.last_mono_ns - flow.first_mono_ns, 0) / 1e9
     elif rec.op == NetOp.DNS:
-        question = parse_dns_query(rec.dns)
+        question = _dns_question(rec.dns)
         event.dns_qname = question.qname
         event.dns_qtype = question.qtype_name
         event.dns_error = question.error
@@ -400,6 +444,18 @@ def clear_leftovers(ipr: Any) -> int:
 MAX_ADDRESSES_PER_ZONE = 16
 
 
+def _reachable(raw_ip: bytes) -> str:
+    """An address as text, or "" when no other zone could reach this one at it."""
+    if len(raw_ip) not in (4, 16):
+        return ""
+    ip = ipaddress.ip_address(raw_ip)
+    if ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_loopback:
+        return ""
+    if ip.is_reserved:  # 255.255.255.255 among them
+        return ""
+    return str(ip)
+
+
 class ZoneAddresses:
     """Each zone's IP addresses, learned from its tap: the source of what the guest sent.
 
@@ -415,6 +471,7 @@ class ZoneAddresses:
         self._by_zone: dict[int, dict[str, None]] = {}  # insertion order = recency
         self._owner: dict[str, int] = {}
         self.view: dict[str, ZoneRef] = {}  # ip -> zone: handed to the rules as is
+        self._usable: dict[bytes, str] = {}  # raw address -> _reachable(raw)
 
     def set_zones(self, zones: Sequence[Zone]) -> None:
         self._refs = {z.key: z.ref for z in zones}
@@ -427,14 +484,15 @@ class ZoneAddresses:
 
     def learn(self, zone_key: int, raw_ip: bytes) -> None:
         ref = self._refs.get(zone_key)
-        if ref is None or len(raw_ip) not in (4, 16):
+        if ref is None:
             return
-        ip = ipaddress.ip_address(raw_ip)
-        if ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_loopback:
+        text = self._usable.get(raw_ip)
+        if text is None:
+            if len(self._usable) >= CACHE_MAX:
+                self._usable.clear()
+            text = self._usable[raw_ip] = _reachable(raw_ip)
+        if not text:
             return  # not an address another zone could reach this one at
-        if ip.is_reserved:  # 255.255.255.255 among them
-            return
-        text = str(ip)
         owner = self._owner.get(text)
         if owner is not None and owner != zone_key:
             return

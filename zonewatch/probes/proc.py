@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from zonewatch.errors import EnvironmentProblem
-from zonewatch.model import FileEvent, ProcEvent, Zone, zone_pids
+from zonewatch.model import FileEvent, ProcEvent, Zone, ZoneRef, zone_pids
 from zonewatch.probes.base import ZonePidFilter, sum_percpu
 from zonewatch.probes.loader import (
     load_program,
@@ -156,13 +156,20 @@ def _ids(rec: ProcRecord) -> str:
     return ",".join(str(i) for i in rec.arg if i != UNCHANGED_ID)
 
 
-def proc_event(rec: ProcRecord, zone: Zone, wall_ns: int, proc: Path = Path("/proc")) -> ProcEvent:
-    """A proc record as its zone's `proc` event (wall_ns: the record's time). /proc fills
-    what the kernel could not see (argv without the execve tracepoint, names of pids)."""
+def proc_event(
+    rec: ProcRecord,
+    zone: Zone,
+    wall_ns: int,
+    proc: Path = Path("/proc"),
+    ref: ZoneRef | None = None,
+) -> ProcEvent:
+    """A proc record as its zone's `proc` event (wall_ns: the record's time; ref: the
+    zone's ZoneRef when the caller has it). /proc fills what the kernel could not see
+    (argv without the execve tracepoint, names of pids)."""
     op = rec.op
     event = ProcEvent(
         ts_ns=wall_ns,
-        zone=zone.ref,
+        zone=zone.ref if ref is None else ref,
         op=OP_NAMES[op],
         pid=rec.pid,
         tid=rec.tid,
