@@ -34,10 +34,11 @@ Records: the agent turns must deliver 3 records per op (the open, the first read
 open period, the close with its byte totals) plus one per pwrite (the first write).
 file_agent_records_per_op says how many arrived per op against that; file_agent_records_lost
 is what the probe counted lost (ring buffer full, stash full) over all agent turns. The two
-interact: while the drainer keeps up, every record wakes it (bpf_ringbuf_output without
-BPF_RB_NO_WAKEUP), which the loop pays for; with nobody draining (the ring full, every
-record lost) the loop ran 1.6-1.7x faster than with the drain, so a turn where the drainer
-fell behind shows a better ratio and more loss.
+interact: bpf_ringbuf_output() with flags 0 wakes the consumer whenever it has caught up,
+so a drainer that keeps up is woken for nearly every record, and the loop pays for each
+wake-up; with nobody draining (the ring full, every record lost) the loop ran 1.6-1.7x
+faster than with the drain. A turn where the drainer fell behind shows a better ratio and
+more loss.
 
 Environment: ZW_BENCH_ROUNDS (default 5), ZW_BENCH_SECONDS (default 2).
 """
