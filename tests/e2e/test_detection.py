@@ -6,6 +6,8 @@
   of that zone's tap, with a listener there (the traffic never leaves the tap);
 - port scan: a zone probes 30 closed ports on the host end of its tap;
 - sensitive file: a zone writes root/.ssh/authorized_keys in its 9p share;
+- device node: the same zone tries to get out through its share (see
+  zonewatch.lab.workloads.share_escape_attempt): the host sees the block device node;
 - escape: QEMU's 9p server resolves guest paths inside the share (symlinks are followed by
   the guest, in the guest), so no guest action here makes the VMM open a host file outside
   it. What the rule is for, a taken-over VMM opening host files, is produced through the
@@ -39,48 +41,50 @@ from zonewatch.lab.assets import GuestAssets
 from zonewatch.lab.lab import Lab, tenants_yaml
 from zonewatch.lab.qemu import QemuZone, ZoneSpec
 from zonewatch.lab.taps import addressing
+from zonewatch.lab.workloads import (
+    METADATA_IP,
+    SCAN_BASE,
+    SCAN_PORTS,
+    connect,
+    gate,
+    metadata_request,
+    plant_ssh_key,
+    port_scan,
+    route_via_host,
+    share_escape_attempt,
+)
 from zonewatch.model import parse_rfc3339_ns
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 LATERAL, TARGET, ATTACKER, ESCAPE, BENIGN = 60, 61, 62, 63, 64
-METADATA_IP = "169.254.169.254"
 LATERAL_PORT = 5432
-SCAN_PORTS = 30  # the rule fires past 25 distinct ports: at the 26th
-SCAN_BASE = 20000  # host ports 20001.. : nothing listens there, the host answers RST
 MAX_LATENCY_S = 2.0
-
-
-def gate(name: str) -> str:
-    """Wait for the host's go-file (9p walks open no file: waiting makes no file event)."""
-    return f"while [ ! -e /mnt/share/go-{name} ]; do usleep 20000; done\n"
-
 
 TARGET_IP = addressing(TARGET).guest_ip
 LATERAL_IP = addressing(LATERAL).guest_ip
 WORKLOADS = {
-    LATERAL: f"ip route add {TARGET_IP}/32 via $ZW_HOST_IP\n"
+    LATERAL: route_via_host(TARGET_IP)
     + gate("lateral")
     + "echo ZW-ACT lateral\n"
     # The target's listener may come up a moment late: retry, each try is a new flow.
-    + f"for i in 1 2 3 4 5; do echo hello-from-acme | nc -w 3 {TARGET_IP} {LATERAL_PORT}"
-    " && break; usleep 200000; done\n",
-    TARGET: f"ip route add {LATERAL_IP}/32 via $ZW_HOST_IP\n"
+    + connect(TARGET_IP, LATERAL_PORT, "hello-from-acme", tries=5),
+    TARGET: route_via_host(LATERAL_IP)
     + gate("start")
     + "ping -c 1 -W 2 $ZW_HOST_IP\n"
     + "echo ZW-LISTENING\n"
     + f"nc -l -p {LATERAL_PORT} > /tmp/got\n"
     + 'echo "ZW-GOT $(cat /tmp/got)"\n',
-    ATTACKER: f"ip route add {METADATA_IP}/32 via $ZW_HOST_IP\n"
+    ATTACKER: route_via_host(METADATA_IP)
     + gate("metadata")
     + "echo ZW-ACT metadata\n"
-    + f"printf 'GET /latest/meta-data/ HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {METADATA_IP} 80\n"
+    + metadata_request()
     + gate("scan")
-    + f"for p in $(seq 1 {SCAN_PORTS}); do echo ZW-ACT scan $p;"
-    f" nc -w 1 $ZW_HOST_IP $(({SCAN_BASE} + p)) </dev/null; done\n"
+    + port_scan("$ZW_HOST_IP", SCAN_PORTS, SCAN_BASE, marker="ZW-ACT scan")
     + gate("keys")
-    + "mkdir -p /mnt/share/root/.ssh\n"
-    + "echo ZW-ACT keys\n"
-    + "echo 'ssh-ed25519 AAAAC3Nz attacker' > /mnt/share/root/.ssh/authorized_keys\n",
+    + plant_ssh_key(marker="ZW-ACT keys")
+    + gate("device")
+    + "echo ZW-ACT device\n"
+    + share_escape_attempt(),
     ESCAPE: "true\n",
     BENIGN: gate("benign")
     + "mkdir -p /mnt/share/work\n"
@@ -316,6 +320,10 @@ def attacked(run: Run) -> Run:
     run.timings["authorized_keys"] = time_alert(
         run, z[ATTACKER], "SSH authorized keys written through a share", "ZW-ACT keys"
     )
+    go(z[ATTACKER], "device")
+    run.timings["device node"] = time_alert(
+        run, z[ATTACKER], "Device node created through a share", "ZW-ACT device"
+    )
     escape = z[ESCAPE]
     assert isinstance(escape, MonitoredZone)
     started = time.monotonic()
@@ -351,6 +359,12 @@ ATTACKS = [
         ATTACKER,
         {"file.path": "/mnt/share/root/.ssh/authorized_keys"},
         "op=create",
+    ),
+    (
+        "device node",
+        ATTACKER,
+        {"file.path": "/mnt/share/.cache/sda"},
+        "created device node or special file /mnt/share/.cache/sda",
     ),
     ("host path outside the share", ESCAPE, {"proc.target": "/etc/shadow"}, "qemu-system-x86"),
     ("VMM spawned a program", ESCAPE, {}, "qemu-system-x86 (pid"),

@@ -12,17 +12,15 @@ tenant's zone.
 
 from __future__ import annotations
 
-import shlex
-import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.agent import AgentProcess
+from tests.helpers.tmux import Tmux
 from zonewatch.lab.lab import Lab
 from zonewatch.lab.qemu import QemuZone, ZoneSpec
 
@@ -50,62 +48,6 @@ tokens:
 """
 ESCAPED_DIR = "x\\x1b[2J\\x1b[31m"
 RULE = "SSH authorized keys written through a share"
-
-
-class Tmux:
-    """One detached tmux session running a command at 80x24; killed on exit."""
-
-    def __init__(self, command: list[str], workdir: Path) -> None:
-        self.name = f"zw-tui-{uuid.uuid4().hex[:8]}"
-        self.exit_file = workdir / f"{self.name}.exit"
-        script = f"{shlex.join(command)}; echo $? > {shlex.quote(str(self.exit_file))}"
-        subprocess.run(
-            ["tmux", "new-session", "-d", "-s", self.name, "-x", "80", "-y", "24",
-             "-c", str(ROOT), "sh", "-c", script],
-            check=True,
-        )  # fmt: skip
-
-    def screen(self) -> str:
-        out = subprocess.run(
-            ["tmux", "capture-pane", "-p", "-t", self.name],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        return out.stdout
-
-    def keys(self, *keys: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
-
-    def wait(self, predicate: Callable[[str], bool], what: str, timeout: float = 60) -> str:
-        """Poll the pane until `predicate` holds (there is no event to await in a pane)."""
-        deadline = time.monotonic() + timeout
-        screen = self.screen()
-        while not self._holds(predicate, screen):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; the pane shows:\n{screen}")
-            time.sleep(0.1)
-            screen = self.screen()
-        return screen
-
-    @staticmethod
-    def _holds(predicate: Callable[[str], bool], screen: str) -> bool:
-        try:
-            return predicate(screen)
-        except (IndexError, StopIteration):  # caught mid-redraw: a line is not there yet
-            return False
-
-    def wait_exit(self, timeout: float = 20) -> int:
-        deadline = time.monotonic() + timeout
-        while not self.exit_file.exists() or not self.exit_file.read_text().strip():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the UI did not exit; the pane shows:\n{self.screen()}")
-            time.sleep(0.1)
-        return int(self.exit_file.read_text())
-
-    def kill(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], check=False,
-                       capture_output=True)  # fmt: skip
 
 
 @pytest.fixture
