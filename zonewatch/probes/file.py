@@ -122,7 +122,7 @@ class FileProbe:
 
     def detach(self) -> None:
         if self._uprobes is not None:
-            self._uprobes.close(wait=True)
+            self._uprobes.close()
             self._uprobes = None
         if self._bpf is not None:
             self._bpf.cleanup()

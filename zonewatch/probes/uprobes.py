@@ -11,17 +11,18 @@ threads created later included (the kernel filters uprobes by address space).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
-import queue
 import re
-import threading
+import struct
+import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zonewatch.probes.loader import import_bcc
+from zonewatch.probes.loader import import_bcc, tracefs
 
 log = logging.getLogger(__name__)
 
@@ -127,30 +128,72 @@ def resolve_sites(path: str, hooks: Iterable[LibcHook] = LIBC_HOOKS) -> list[Sit
     return sites
 
 
+PERF_TYPE_TRACEPOINT = 2
+PERF_EVENT_IOC_ENABLE = 0x2400
+PERF_EVENT_IOC_SET_BPF = 0x40042408
+_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(os.uname().machine, 298)
+_ATTR = struct.Struct(
+    "=IIQQQQQ"
+)  # type, size, config, sample_period, sample_type, read_format, flags
+_ATTR_SIZE = 128  # PERF_ATTR_SIZE_VER8; the rest is zero
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def perf_event_open_tracepoint(event_id: int, pid: int) -> int:
+    """A perf event on trace event `event_id` bound to process `pid` (all its threads)."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    _ATTR.pack_into(attr, 0, PERF_TYPE_TRACEPOINT, _ATTR_SIZE, event_id, 1, 0, 0, 0)
+    fd = _libc.syscall(_NR_PERF_EVENT_OPEN, attr, pid, -1, -1, ctypes.c_ulong(0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(
+            err, f"perf_event_open(trace event {event_id}, pid {pid}): {os.strerror(err)}"
+        )
+    return int(fd)
+
+
+def _ioctl(fd: int, request: int, arg: int = 0) -> None:
+    if _libc.ioctl(fd, ctypes.c_ulong(request), ctypes.c_ulong(arg)) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"ioctl {request:#x}: {os.strerror(err)}")
+
+
 @dataclass(slots=True)
-class _Probe:
-    fd: int
-    event: bytes
+class _Event:
+    """One uprobe trace event (a site's entry or return) and the perf event that holds the
+    program on it."""
+
+    name: str
+    id: int
+    anchor_fd: int
 
 
 class LibcUprobes:
     """Keeps uprobes on the libc of exactly the given processes (by pid).
 
-    The perf events are this class's own (not bcc's table of them): removing a uprobe
-    takes the kernel an RCU grace period under a host-wide mutex (~0.12 s measured on
-    CI's VM, so ~8 s for a process's ~67 probes), so the events of a process that went
-    are closed by a background thread, never in the agent's loop.
+    Each hooked site of each libc file is one uprobe trace event made in tracefs
+    (`uprobe_events`, group `zw<agent pid>`), shared by every zone process: hooking a
+    process is one perf event per site bound to its pid, which adds its address space to
+    the uprobe's filter (only hooked processes get the breakpoints); unhooking closes them.
+    The program is attached once per trace event, through an anchor perf event bound to an
+    idle helper process, so that no zone's leaving takes it away.
+
+    Why not one uprobe per process and site (what bcc's attach_uprobe(pid=) makes): removing
+    a uprobe trace event waits for an RCU grace period under a host-wide mutex (~0.12 s
+    measured on CI's VM; ~8 s for the 67 probes of one process, serial). Shared, that cost
+    is paid once, when the probe detaches, not each time a zone goes.
     """
 
     def __init__(self, bpf: Any) -> None:
         self._bpf = bpf
-        self._lib = import_bcc().lib
-        self._sites: dict[tuple[int, int], list[Site]] = {}  # (st_dev, st_ino) -> sites
+        self._group = f"zw{os.getpid()}"
+        self._tracefs = tracefs()
+        self._events: dict[tuple[int, int], list[_Event]] = {}  # libc (dev, ino) -> events
         self._fns: dict[str, int] = {}  # program name -> loaded program fd
-        self._attached: dict[int, list[_Probe]] = {}
+        self._attached: dict[int, list[int]] = {}  # pid -> its perf event fds
         self.unhooked: dict[int, str] = {}  # pid -> why it has no uprobes
-        self._closing: queue.SimpleQueue[list[_Probe] | None] = queue.SimpleQueue()
-        self._closer: threading.Thread | None = None
+        self._anchor: subprocess.Popen[bytes] | None = None
+        remove_stale_events(self._tracefs)
 
     @property
     def pids(self) -> set[int]:
@@ -165,13 +208,6 @@ class LibcUprobes:
         for pid in wanted - set(self._attached) - set(self.unhooked):
             self._attach(pid)
 
-    def _sites_of(self, path: str) -> list[Site]:
-        st = os.stat(path)
-        key = (st.st_dev, st.st_ino)
-        if key not in self._sites:
-            self._sites[key] = resolve_sites(path)
-        return self._sites[key]
-
     def _fn(self, name: str) -> int:
         fd = self._fns.get(name)
         if fd is None:
@@ -179,58 +215,111 @@ class LibcUprobes:
             fd = self._fns[name] = self._bpf.load_func(name.encode(), bcc.BPF.KPROBE).fd
         return fd
 
+    def _anchor_pid(self) -> int:
+        if self._anchor is None or self._anchor.poll() is not None:
+            # Sleeps until the probe detaches: it runs no hooked code, so it never traps.
+            self._anchor = subprocess.Popen(
+                ["sleep", "infinity"], stdin=subprocess.DEVNULL, close_fds=True
+            )
+        return self._anchor.pid
+
+    def _events_of(self, path: str) -> list[_Event]:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        events = self._events.get(key)
+        if events is not None:
+            return events
+        events = []
+        try:
+            for site in resolve_sites(path):
+                for kind, fn in (("p", site.entry), ("r", site.ret)):
+                    if fn is None:
+                        continue
+                    name = f"{kind}_{st.st_ino:x}_{site.offset:x}"
+                    self._write_events(f"{kind}:{self._group}/{name} {path}:{site.offset:#x}")
+                    event_id = int(
+                        (self._tracefs / "events" / self._group / name / "id").read_text()
+                    )
+                    anchor = perf_event_open_tracepoint(event_id, self._anchor_pid())
+                    events.append(_Event(name, event_id, anchor))
+                    _ioctl(anchor, PERF_EVENT_IOC_SET_BPF, self._fn(fn))
+                    _ioctl(anchor, PERF_EVENT_IOC_ENABLE)
+        except OSError:
+            self._remove(events)
+            raise
+        self._events[key] = events
+        return events
+
+    def _write_events(self, line: str) -> None:
+        write_uprobe_events(self._tracefs, line)
+
     def _attach(self, pid: int) -> None:
         path = libc_path(pid)
         if path is None:
             self.unhooked[pid] = "maps no libc (static, or gone)"
             log.warning("file uprobes: pid %d maps no libc: its file operations are not seen", pid)
             return
-        probes: list[_Probe] = []
+        fds: list[int] = []
         try:
-            for site in self._sites_of(path):
-                for kind, fn in ((0, site.entry), (1, site.ret)):
-                    if fn is None:
-                        continue
-                    # Unique on the host: other agents (and tests) hook the same pid too.
-                    event = f"zw_{os.getpid()}_{pid}_{site.offset:x}_{'pr'[kind]}".encode()
-                    fd = self._lib.bpf_attach_uprobe(
-                        self._fn(fn), kind, event, path.encode(), site.offset, pid
-                    )
-                    if fd < 0:
-                        raise OSError(-fd, f"attaching {site.symbol} ({fn}) failed")
-                    probes.append(_Probe(fd, event))
-        except (OSError, Exception) as exc:  # bcc raises bare Exception; the pid may be gone
+            for event in self._events_of(path):
+                fd = perf_event_open_tracepoint(event.id, pid)
+                fds.append(fd)
+                _ioctl(fd, PERF_EVENT_IOC_ENABLE)
+        except OSError as exc:  # the process may have exited meanwhile
             log.warning("file uprobes: pid %d not hooked: %s", pid, exc)
-            self._close_later(probes)
+            for fd in fds:
+                os.close(fd)
             self.unhooked[pid] = str(exc)
             return
-        self._attached[pid] = probes
-        log.debug("file uprobes: %d probes on %s in pid %d", len(probes), path, pid)
+        self._attached[pid] = fds
+        log.debug("file uprobes: %d probes on %s in pid %d", len(fds), path, pid)
 
     def _detach(self, pid: int) -> None:
-        self._close_later(self._attached.pop(pid, []))
+        for fd in self._attached.pop(pid, []):
+            os.close(fd)  # the trace event lives on (the anchor holds it): no grace period
 
-    def _close_later(self, probes: list[_Probe]) -> None:
-        if not probes:
-            return
-        if self._closer is None:
-            self._closer = threading.Thread(target=self._close_loop, name="zw-uprobe-close")
-            self._closer.daemon = True
-            self._closer.start()
-        self._closing.put(probes)
+    def _remove(self, events: list[_Event]) -> None:
+        for event in events:
+            os.close(event.anchor_fd)  # the last user: the kernel waits a grace period here
+            try:
+                self._write_events(f"-:{self._group}/{event.name}")
+            except OSError as exc:
+                log.debug("file uprobes: removing %s: %s", event.name, exc)
 
-    def _close_loop(self) -> None:
-        while (probes := self._closing.get()) is not None:
-            for probe in probes:
-                self._lib.bpf_close_perf_event_fd(probe.fd)
-                self._lib.bpf_detach_uprobe(probe.event)  # a no-op unless made in tracefs
-
-    def close(self, wait: bool = True) -> None:
-        """Detach every process's probes; with `wait`, return once they are all gone."""
+    def close(self) -> None:
+        """Unhook every process and remove the trace events."""
         for pid in list(self._attached):
             self._detach(pid)
-        if self._closer is not None:
-            self._closing.put(None)
-            if wait:
-                self._closer.join()
-            self._closer = None
+        for events in self._events.values():
+            self._remove(events)
+        self._events.clear()
+        if self._anchor is not None:
+            self._anchor.kill()
+            self._anchor.wait()
+            self._anchor = None
+
+
+def remove_stale_events(tracefs_dir: Path) -> None:
+    """Remove the uprobe trace events of agents that are gone (killed before they could)."""
+    try:
+        lines = (tracefs_dir / "uprobe_events").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        match = re.match(r"[pr]:(zw(\d+))/(\S+) ", line)
+        if match is None or Path(f"/proc/{match.group(2)}").exists():
+            continue
+        try:
+            write_uprobe_events(tracefs_dir, f"-:{match.group(1)}/{match.group(3)}")
+        except OSError as exc:
+            log.debug("file uprobes: removing stale %s: %s", line, exc)
+
+
+def write_uprobe_events(tracefs_dir: Path, line: str) -> None:
+    """One command to tracefs's uprobe_events (appended: a plain open would clear every
+    uprobe event on the host, Python's append mode seeks, which tracefs refuses)."""
+    fd = os.open(tracefs_dir / "uprobe_events", os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
