@@ -5,7 +5,8 @@ same options as `zonewatch run`) fed with alerts made here instead of by rules.
         [--rate N] [--count N] [--otlp URL] [--ocsf FILE] [--metrics ADDR]
 
 Writes "ready ADDR" on stdout once it listens, then publishes alerts alternating between
-tenants acme (odd seqs) and globex (even seqs) (evidence.n counts from --first), and per-zone stats each second.
+tenants acme (odd seqs) and globex (even seqs) (evidence.n counts from --first), and
+per-zone stats each second.
 """
 
 from __future__ import annotations

@@ -13,12 +13,13 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers.microvms import MicroVmFactory
 from zonewatch.lab import microvm as mv
 from zonewatch.lab.microvm import MicroVmProcess
 from zonewatch.model import Vmm, Zone
@@ -38,8 +39,6 @@ BUSY_PORT, BUSY_MMIO = 0x510, 0xFEB01234
 STRANGER_PORT, STRANGER_MMIO = 0x3F8, 0xE0000000
 WINDOW_S = 3.0
 
-Factory = Callable[..., MicroVmProcess]
-
 
 @pytest.fixture(scope="module")
 def probe() -> Iterator[KvmProbe]:
@@ -49,23 +48,6 @@ def probe() -> Iterator[KvmProbe]:
         yield p
     finally:
         p.detach()
-
-
-@pytest.fixture
-def microvm(tmp_path: Path) -> Iterator[Factory]:
-    """Start micro-VMMs as children; every one is stopped however the test ends."""
-    started: list[MicroVmProcess] = []
-
-    def start(name: str, **kwargs: Any) -> MicroVmProcess:
-        proc = MicroVmProcess(name, stats=tmp_path / f"{name}.json", **kwargs)
-        started.append(proc)
-        return proc.start()
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            proc.close()
 
 
 def zone_of(vm: MicroVmProcess, key: int, vcpu_tid: int | None = None) -> Zone:
@@ -93,7 +75,7 @@ def within(ours: int, theirs: int, rel: float = 0.05) -> bool:
     return abs(ours - theirs) <= rel * max(theirs, 1)
 
 
-def test_busy_idle_and_a_stranger(probe: KvmProbe, microvm: Factory) -> None:
+def test_busy_idle_and_a_stranger(probe: KvmProbe, microvm: MicroVmFactory) -> None:
     busy = microvm("busy", rate=4000, pio_per_iter=2, mmio_per_iter=2, port=BUSY_PORT,
                    mmio_addr=BUSY_MMIO)  # fmt: skip
     idle = microvm("idle", rate=2, pio_per_iter=0, mmio_per_iter=0)
@@ -175,7 +157,9 @@ def test_busy_idle_and_a_stranger(probe: KvmProbe, microvm: Factory) -> None:
     probe.set_zones([])
 
 
-def test_a_zone_that_leaves_is_reported_once_then_purged(probe: KvmProbe, microvm: Factory) -> None:
+def test_a_zone_that_leaves_is_reported_once_then_purged(
+    probe: KvmProbe, microvm: MicroVmFactory
+) -> None:
     vm = microvm("leaver", rate=500, pio_per_iter=1, mmio_per_iter=0)
     probe.set_zones([zone_of(vm, 41)])
     vm.wait_stats(lambda s: s["iterations"] >= 200, 20)
@@ -232,7 +216,7 @@ def test_msr_writes_are_sampled_within_the_zone_budget(probe: KvmProbe, tmp_path
     probe.set_zones([])
 
 
-def test_live_and_replayed_counts_are_the_same(probe: KvmProbe, microvm: Factory) -> None:
+def test_live_and_replayed_counts_are_the_same(probe: KvmProbe, microvm: MicroVmFactory) -> None:
     """The same workload through both paths: tracefs text replayed == kernel maps read."""
     inst = tracefs() / "instances" / "zw-test-replay"
     events = ("kvm_userspace_exit", "kvm_pio", "kvm_mmio", "kvm_fpu", "kvm_emulate_insn")

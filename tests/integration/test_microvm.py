@@ -10,14 +10,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers.microvms import MicroVmFactory
 from zonewatch.lab import microvm as mv
-from zonewatch.lab.microvm import MicroVmProcess
 
 pytestmark = pytest.mark.integration
 
@@ -26,25 +25,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 requires_kvm = pytest.mark.skipif(
     not os.access(mv.KVM_DEVICE, os.R_OK | os.W_OK), reason="needs read-write /dev/kvm"
 )
-
-Factory = Callable[..., MicroVmProcess]
-
-
-@pytest.fixture
-def microvm(tmp_path: Path) -> Iterator[Factory]:
-    """Start micro-VMs as children; every one is stopped however the test ends."""
-    started: list[MicroVmProcess] = []
-
-    def start(name: str, **kwargs: Any) -> MicroVmProcess:
-        proc = MicroVmProcess(name, stats=tmp_path / f"{name}.json", **kwargs)
-        started.append(proc)
-        return proc.start()
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            proc.close()
 
 
 def thread_comms(pid: int) -> dict[int, str]:
@@ -186,7 +166,7 @@ def test_guest_program_disassembles_as_documented(tmp_path: Path) -> None:
 
 
 @requires_kvm
-def test_paced_exits_are_counted_and_rate_held(microvm: Factory) -> None:
+def test_paced_exits_are_counted_and_rate_held(microvm: MicroVmFactory) -> None:
     rate, pio, mmio = 2000.0, 3, 2
     port, mmio_addr = 0x3F8, 0xFEBC1234
     vm = microvm("paced", rate=rate, pio_per_iter=pio, mmio_per_iter=mmio, port=port,
@@ -225,7 +205,7 @@ def test_paced_exits_are_counted_and_rate_held(microvm: Factory) -> None:
 
 
 @requires_kvm
-def test_rate_zero_runs_flat_out(microvm: Factory) -> None:
+def test_rate_zero_runs_flat_out(microvm: MicroVmFactory) -> None:
     vm = microvm("flat", rate=0, pio_per_iter=1, mmio_per_iter=1)
     stats = vm.wait_stats(lambda s: s["elapsed_s"] >= 1.0, timeout=15)
     assert_consistent(stats, 1, 1)
@@ -235,7 +215,7 @@ def test_rate_zero_runs_flat_out(microvm: Factory) -> None:
 
 
 @requires_kvm
-def test_only_hlt_when_asked_for_no_io(microvm: Factory) -> None:
+def test_only_hlt_when_asked_for_no_io(microvm: MicroVmFactory) -> None:
     vm = microvm("quiet", rate=500, pio_per_iter=0, mmio_per_iter=0)
     stats = vm.wait_stats(lambda s: s["iterations"] >= 100, timeout=15)
     assert stats["exits"] == {"io": 0, "mmio": 0, "hlt": stats["iterations"], "other": 0}
@@ -244,7 +224,7 @@ def test_only_hlt_when_asked_for_no_io(microvm: Factory) -> None:
 
 
 @requires_kvm
-def test_duration_ends_the_run_with_final_stats(microvm: Factory) -> None:
+def test_duration_ends_the_run_with_final_stats(microvm: MicroVmFactory) -> None:
     vm = microvm("short", rate=1000, duration=0.6)
     final = vm.wait_stats(lambda s: s["running"] is False, timeout=15)
     assert vm.proc is not None
