@@ -367,6 +367,9 @@ class ReplayBpf:
 
         self._fn = RINGBUF_CB(ringbuf_cb_)
 
+    def ring_buffer_consume(self) -> None:
+        self.ring_buffer_poll(0)
+
     def ring_buffer_poll(self, _timeout: int = -1) -> None:
         chunk, self.pending = self.pending, None
         if chunk is None or not chunk.n:

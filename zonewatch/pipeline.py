@@ -55,6 +55,9 @@ PATH_OPS = {
 }
 MAX_TRACKED_FDS = 65536
 _NO_RET = frozenset({FileOp.CLOSE, FileOp.READ, FileOp.WRITE})  # their ret is not the event's
+_OPEN, _CLOSE, _READ, _WRITE = FileOp.OPEN, FileOp.CLOSE, FileOp.READ, FileOp.WRITE
+_UNLINK, _SETXATTR, _SYMLINK = FileOp.UNLINK, FileOp.SETXATTR, FileOp.SYMLINK
+_RENAME, _LINK = FileOp.RENAME, FileOp.LINK
 
 
 def text(raw: bytes) -> str:
@@ -118,13 +121,33 @@ class FdTable:
             fd_text, _, rest = name[len("/proc/self/fd/") :].partition("/")
             if fd_text.isdigit():
                 base = self.lookup(pid, int(fd_text))
-                return posixpath.normpath(posixpath.join(base, rest)) if base else name
+                return join_normal(base, rest) if base else name
         if name.startswith("/"):
-            return posixpath.normpath(name)
+            return name if _clean(name) else posixpath.normpath(name)
         base = self.lookup(pid, dirfd)
         if not base:
             return name
-        return posixpath.normpath(posixpath.join(base, name)) if name else base
+        return join_normal(base, name) if name else base
+
+
+def _clean(path: str) -> bool:
+    """normpath() would leave this path as it is: no empty, `.` or `..` component (a name
+    starting with a dot is sent the long way too), no trailing slash."""
+    return (
+        "//" not in path
+        and "/." not in path
+        and not path.startswith(".")
+        and (not path.endswith("/") or path == "/")
+    )
+
+
+def join_normal(base: str, name: str) -> str:
+    """posixpath.normpath(posixpath.join(base, name)); when both are already clean (an
+    absolute directory and a plain relative name, the usual case) the join is all there is
+    to do, and normpath's ~3 us are saved."""
+    if name and base.startswith("/") and _clean(base) and _clean(name) and name[0] != "/":
+        return ("/" + name) if base == "/" else (base + "/" + name)
+    return posixpath.normpath(posixpath.join(base, name))
 
 
 class ZoneView:
@@ -204,10 +227,10 @@ class FileEventBuilder:
         if view is None:
             view = self.view(zone)
         pid, op = rec.pid, rec.op
-        host = new_host = ""
-        op_name = ""
+        new_host = ""
         bytes_read = bytes_written = 0
-        if op == FileOp.OPEN:
+        # Ops compared with module constants: FileOp.X is a metaclass lookup (~0.25 us).
+        if op == _OPEN:
             host = self.fds.resolve(pid, rec.dirfd, rec.path)
             if rec.ret >= 0:
                 self.fds.remember(pid, rec.ret, host)
@@ -215,27 +238,31 @@ class FileEventBuilder:
                 self.stats.internal += 1  # a 9p walk step: state only
                 return None
             op_name = "create" if rec.flags & O_CREAT else "open"
-        elif op in (FileOp.READ, FileOp.WRITE):
-            host = self.fds.lookup(pid, rec.dirfd)
-            op_name = "read" if op == FileOp.READ else "write"
-            bytes_read, bytes_written = (rec.ret, 0) if op == FileOp.READ else (0, rec.ret)
-        elif op == FileOp.CLOSE:
+        elif op == _CLOSE:
             host = self.fds.forget(pid, rec.dirfd)
             op_name = "close"
             bytes_read, bytes_written = rec.bytes_read, rec.bytes_written
-        elif op == FileOp.UNLINK:
+        elif op == _READ:
+            host = self.fds.lookup(pid, rec.dirfd)
+            op_name = "read"
+            bytes_read = rec.ret
+        elif op == _WRITE:
+            host = self.fds.lookup(pid, rec.dirfd)
+            op_name = "write"
+            bytes_written = rec.ret
+        elif op == _UNLINK:
             host = self.fds.resolve(pid, rec.dirfd, rec.path)
             op_name = "rmdir" if rec.flags & AT_REMOVEDIR else "unlink"
-        elif op == FileOp.SETXATTR:
+        elif op == _SETXATTR:
             host = self.fds.resolve(pid, rec.dirfd, rec.path)
             op_name = VIRTFS_XATTR_OPS.get(rec.path2, "setxattr")
-        elif op == FileOp.SYMLINK:
+        elif op == _SYMLINK:
             # path is the link's target text; the new link is path2.
             host = self.fds.resolve(pid, rec.dirfd2, rec.path2)
             op_name = "symlink"
         else:
             host = self.fds.resolve(pid, rec.dirfd, rec.path)
-            if op in (FileOp.RENAME, FileOp.LINK):
+            if op in (_RENAME, _LINK):
                 new_host = self.fds.resolve(pid, rec.dirfd2, rec.path2)
             op_name = PATH_OPS[op]
         share, guest = view.guest_view(host)
@@ -253,7 +280,7 @@ class FileEventBuilder:
             rec.ret if op not in _NO_RET else 0,  # ret
             new_guest,  # new_path
             new_host,  # new_host_path
-            rec.flags if op == FileOp.OPEN else 0,  # flags
+            rec.flags if op == _OPEN else 0,  # flags
             rec.mode,  # mode
             bytes_read,  # bytes_read
             bytes_written,  # bytes_written

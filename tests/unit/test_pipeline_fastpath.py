@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import posixpath
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zonewatch.model import Share, Vmm, Zone
-from zonewatch.pipeline import O_CREAT, Attribution, ZoneView, guest_view
+from zonewatch.pipeline import O_CREAT, Attribution, FdTable, ZoneView, guest_view, join_normal
 from zonewatch.probes import net
 from zonewatch.probes.net import ip_text, parse_dns_query
 from zonewatch.probes.records import FileOp, FileRecord
@@ -74,3 +75,31 @@ def test_ip_text_and_dns_caches_answer_as_the_parsers_do() -> None:
 def test_tcp_flag_table_equals_the_names() -> None:
     for bits in (0, 0x02, 0x12, 0x1B, 0xFF, 0x1FF, 1 << 40 | 0x04):
         assert net._TCP_FLAGS[bits & 0xFF] == tuple(net.tcp_flag_names(bits))
+
+
+parts = st.sampled_from(["", "/", "//", ".", "..", "a", ".a", "a.", "b c", "x/./y", "..b", "\\"])
+raw_paths = st.lists(parts, max_size=7).map("".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(base=raw_paths, name=raw_paths)
+def test_join_normal_is_normpath_of_join(base: str, name: str) -> None:
+    assert join_normal(base, name) == posixpath.normpath(posixpath.join(base, name))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(base=raw_paths, name=raw_paths, absolute=st.booleans())
+def test_resolve_is_normpath_of_join(base: str, name: str,
+                                     absolute: bool) -> None:  # fmt: skip
+    fds = FdTable(Path("/nonexistent-proc"))
+    fds.remember(1, 5, base)
+    path = ("/" + name) if absolute else name
+    got = fds.resolve(1, 5, path.encode())
+    if path.startswith("/proc/self/fd/"):
+        return
+    if path.startswith("/"):
+        assert got == posixpath.normpath(path)
+    elif not base:
+        assert got == path
+    else:
+        assert got == (posixpath.normpath(posixpath.join(base, path)) if path else base)
