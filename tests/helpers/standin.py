@@ -26,6 +26,17 @@ def run(cmd, rest):
         while os.read(fd, 4096):
             pass
         os.close(fd)
+    elif cmd == "pcreate":  # as create, with positional writes (what 9p backends use)
+        fd = os.open(rest[0], os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=dfd)
+        os.pwrite(fd, b"x" * int(rest[1]), 0)
+        os.pwrite(fd, b"y" * int(rest[1]), int(rest[1]))
+        os.close(fd)
+    elif cmd == "pread":
+        fd = os.open(rest[0], os.O_RDONLY, dir_fd=dfd)
+        offset = 0
+        while data := os.pread(fd, 4096, offset):
+            offset += len(data)
+        os.close(fd)
     elif cmd == "rename":
         os.rename(rest[0], rest[1], src_dir_fd=dfd, dst_dir_fd=dfd)
     elif cmd == "mkdir":

@@ -1,7 +1,8 @@
 """The file channel's low-overhead hooks (`--file-hooks uprobes`) loaded for real: per-process
 uprobes on libc see a stand-in backend's file operations as the same records the syscall
 tracepoints make (both probes watch the same process at once), threads started after the
-hooking included; a process outside the filter is not even hooked."""
+hooking included; by default only positional I/O is hooked (what 9p backends use for file
+data); a process outside the filter is not even hooked."""
 
 from __future__ import annotations
 
@@ -39,6 +40,17 @@ def uprobes() -> Iterator[FileProbe]:
 
 
 @pytest.fixture(scope="module")
+def uprobes_all() -> Iterator[FileProbe]:
+    """Also read/write/readv/writev: every call the tracepoint path hooks."""
+    p = FileProbe(hooks="uprobes", uprobe_stream_io=True)
+    p.attach()
+    try:
+        yield p
+    finally:
+        p.detach()
+
+
+@pytest.fixture(scope="module")
 def tracepoints() -> Iterator[FileProbe]:
     p = FileProbe(hooks="tracepoints")
     p.attach()
@@ -68,20 +80,21 @@ def comparable(r: FileRecord) -> tuple[object, ...]:
     )  # fmt: skip
 
 
-def is_last(rs: list[FileRecord]) -> bool:
-    return any(r.op == FileOp.OPEN and r.path == b"nothere.txt" for r in rs)
+def both_failed_opens(rs: list[FileRecord]) -> bool:
+    return sum(r.op == FileOp.OPEN and r.path == b"nothere.txt" for r in rs) == 2
 
 
 def test_uprobes_make_the_records_tracepoints_make(
-    uprobes: FileProbe, tracepoints: FileProbe, tmp_path: Path
+    uprobes_all: FileProbe, tracepoints: FileProbe, tmp_path: Path
 ) -> None:
+    uprobes = uprobes_all
     with StandIn(tmp_path) as standin:
         for probe in (uprobes, tracepoints):
             probe.set_zone_pids({standin.pid: ZONE_KEY})
         assert uprobes.hooked_pids == {standin.pid}
-        standin.do(*OPS)
-        by_uprobe = drain_until(uprobes, is_last)
-        by_tracepoint = drain_until(tracepoints, is_last)
+        standin.do(*OPS, "pcreate p.txt 100", "pread p.txt", "open-missing nothere.txt")
+        by_uprobe = drain_until(uprobes, both_failed_opens)
+        by_tracepoint = drain_until(tracepoints, both_failed_opens)
         for probe in (uprobes, tracepoints):
             probe.set_zone_pids({})
         assert uprobes.hooked_pids == set()
@@ -93,8 +106,8 @@ def test_uprobes_make_the_records_tracepoints_make(
     # leaves the error in errno, out of a uretprobe's reach.
     failed_tp = [r for r in by_tracepoint if r.path == b"nothere.txt"]
     failed_up = [r for r in by_uprobe if r.path == b"nothere.txt"]
-    assert [r.ret for r in failed_tp] == [-2]
-    assert [r.ret for r in failed_up] == [-1]
+    assert [r.ret for r in failed_tp] == [-2, -2]
+    assert [r.ret for r in failed_up] == [-1, -1]
     for r in failed_up:
         r.ret = -2
     assert [comparable(r) for r in by_uprobe] == [comparable(r) for r in by_tracepoint]
@@ -102,10 +115,26 @@ def test_uprobes_make_the_records_tracepoints_make(
     assert uprobes.lost()["file.pending"] == 0
 
 
+def test_by_default_file_data_is_seen_through_positional_io_only(
+    uprobes: FileProbe, tmp_path: Path
+) -> None:
+    with StandIn(tmp_path) as standin:
+        uprobes.set_zone_pids({standin.pid: ZONE_KEY})
+        standin.do("pcreate p.txt 100", "pread p.txt", "create s.txt 10", "unlink s.txt")
+        records = drain_until(uprobes, lambda rs: any(r.op == FileOp.UNLINK for r in rs))
+        uprobes.set_zone_pids({})
+    closes = sorted((r.bytes_written, r.bytes_read) for r in records if r.op == FileOp.CLOSE)
+    assert closes == [(0, 200), (200, 0)]
+    assert [r.ret for r in records if r.op == FileOp.WRITE] == [100]
+    assert [r.ret for r in records if r.op == FileOp.READ] == [200]
+    # write() is not hooked: s.txt shows its open (and unlink), no I/O and no close.
+    assert [r.op for r in records if r.path == b"s.txt"] == [FileOp.OPEN, FileOp.UNLINK]
+
+
 def test_threads_started_after_hooking_are_covered(uprobes: FileProbe, tmp_path: Path) -> None:
     with StandIn(tmp_path) as standin:
         uprobes.set_zone_pids({standin.pid: ZONE_KEY})
-        standin.do("thread create t.txt 10", "thread unlink t.txt")
+        standin.do("thread pcreate t.txt 10", "thread unlink t.txt")
         records = drain_until(uprobes, lambda rs: any(r.op == FileOp.UNLINK for r in rs))
         uprobes.set_zone_pids({})
     ops = [(r.op, r.path) for r in records]
@@ -122,13 +151,13 @@ def test_process_outside_the_filter_is_not_hooked(uprobes: FileProbe, tmp_path: 
     with StandIn(tmp_path) as watched, StandIn(tmp_path) as other:
         uprobes.set_zone_pids({watched.pid: ZONE_KEY})
         assert uprobes.hooked_pids == {watched.pid}
-        other.do("create noise.txt 10", "unlink noise.txt")
-        watched.do("create marker.txt 1")
+        other.do("pcreate noise.txt 10", "unlink noise.txt")
+        watched.do("pcreate marker.txt 1")
         records = drain_until(uprobes, lambda rs: any(r.op == FileOp.CLOSE for r in rs))
         # Dropped from the filter: unhooked, and its operations are no records any more.
         uprobes.set_zone_pids({})
         assert uprobes.hooked_pids == set()
-        watched.do("create after.txt 1")
+        watched.do("pcreate after.txt 1")
         records += drain_until(uprobes, lambda rs: False, timeout=0.5)
     assert records
     assert {r.pid for r in records} == {watched.pid}

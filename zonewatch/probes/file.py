@@ -20,7 +20,7 @@ from zonewatch.probes.base import ZonePidFilter, sum_percpu
 from zonewatch.probes.loader import load_program, syscall_tracepoint_defines
 from zonewatch.probes.maps import RecordRingReader
 from zonewatch.probes.records import DECODERS, LostSource, Record
-from zonewatch.probes.uprobes import LibcUprobes
+from zonewatch.probes.uprobes import LIBC_HOOKS, STREAM_IO_HOOKS, LibcUprobes
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,18 @@ class FileProbe:
 
     name = "file"
 
-    def __init__(self, ringbuf_pages: int = 256, hooks: FileHooks = "tracepoints") -> None:
+    def __init__(
+        self,
+        ringbuf_pages: int = 256,
+        hooks: FileHooks = "tracepoints",
+        uprobe_stream_io: bool = False,
+    ) -> None:
+        """`uprobe_stream_io`: with uprobes, also hook read/write/readv/writev (see
+        zonewatch/probes/uprobes.py: a VMM calls them per eventfd wake-up and tap frame)."""
         if hooks not in FILE_HOOKS:
             raise ValueError(f"file hooks: {hooks!r} is none of {', '.join(FILE_HOOKS)}")
         self.hooks = hooks
+        self._uprobe_hooks = LIBC_HOOKS + (STREAM_IO_HOOKS if uprobe_stream_io else ())
         self._ringbuf_pages = ringbuf_pages
         self._bpf: Any = None
         self._filter: ZonePidFilter | None = None
@@ -62,7 +70,7 @@ class FileProbe:
             self._bpf = load_program(
                 "file.c", ["-DZW_FILE_UPROBES=1", f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}"]
             )
-            self._uprobes = LibcUprobes(self._bpf)
+            self._uprobes = LibcUprobes(self._bpf, self._uprobe_hooks)
         else:
             self._bpf = load_program("file.c", self._tracepoint_cflags())
         self._filter = ZonePidFilter(self._bpf[b"zone_pids"])

@@ -12,6 +12,7 @@ threads created later included (the kernel filters uprobes by address space).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import re
@@ -34,15 +35,16 @@ class LibcHook:
     symbols: tuple[str, ...]  # libc names of the function (aliases share an address)
 
 
-# read/write and friends take the fd first and return ssize_t.
-WRITES = ("write", "pwrite64", "pwrite", "writev", "pwritev64", "pwritev", "pwritev64v2",
-          "pwritev2")  # fmt: skip
-READS = ("read", "pread64", "pread", "readv", "preadv64", "preadv", "preadv64v2", "preadv2")
-
 # What QEMU's 9p local backend and virtiofsd call (`nm -D` of both: openat64, open64,
-# mkdirat, renameat, unlinkat, fchmodat, lsetxattr, preadv64, pwritev64, close, ...),
-# mirroring bpf/file.c's syscall list. The first hook naming an address wins: aliases
-# (open/open64, pread/pread64, ...) are hooked once.
+# mkdirat, renameat, unlinkat, fchmodat, lsetxattr, preadv64, pwritev64, pread64, pwrite64,
+# close, ...), mirroring bpf/file.c's syscall list. The first hook naming an address wins:
+# aliases (open/open64, pread/pread64, ...) are hooked once.
+#
+# File data moves through the positional calls (pread64/pwrite64/preadv/pwritev): both
+# backends use them for guest files. The stream calls (read/write/readv/writev) are left
+# out unless asked for (STREAM_IO_HOOKS): a VMM makes them for its eventfds, taps and
+# sockets (QEMU reads and writes a tap per frame), and every hooked call traps, tracked fd
+# or not. A file read or written with them shows its open but no I/O or close then.
 LIBC_HOOKS: tuple[LibcHook, ...] = (
     LibcHook("zw_openat", "zw_path_ret", ("openat", "openat64")),
     LibcHook("zw_open", "zw_path_ret", ("open", "open64")),
@@ -66,11 +68,18 @@ LIBC_HOOKS: tuple[LibcHook, ...] = (
     LibcHook("zw_ftruncate", "zw_path_ret", ("ftruncate", "ftruncate64")),
     LibcHook("zw_setxattr", "zw_path_ret", ("lsetxattr", "setxattr")),
     LibcHook("zw_fsetxattr", "zw_path_ret", ("fsetxattr",)),
-    LibcHook("zw_io", "zw_write_ret", WRITES),
-    LibcHook("zw_io", "zw_read_ret", READS),
+    LibcHook("zw_io", "zw_write_ret", ("pwrite64", "pwrite", "pwritev64", "pwritev",
+                                       "pwritev64v2", "pwritev2")),
+    LibcHook("zw_io", "zw_read_ret", ("pread64", "pread", "preadv64", "preadv",
+                                      "preadv64v2", "preadv2")),
     LibcHook("zw_close", None, ("close",)),
+)  # fmt: skip
+STREAM_IO_HOOKS: tuple[LibcHook, ...] = (
+    LibcHook("zw_io", "zw_write_ret", ("write", "writev")),
+    LibcHook("zw_io", "zw_read_ret", ("read", "readv")),
 )
 
+_instances = itertools.count(1)  # trace event groups: zw<agent pid>_<instance>
 _LIBC_NAME = re.compile(r"/libc(-[0-9.]+)?\.so(\.[0-9]+)*$")
 
 
@@ -172,7 +181,7 @@ class LibcUprobes:
     """Keeps uprobes on the libc of exactly the given processes (by pid).
 
     Each hooked site of each libc file is one uprobe trace event made in tracefs
-    (`uprobe_events`, group `zw<agent pid>`), shared by every zone process: hooking a
+    (`uprobe_events`, group `zw<agent pid>_<n>`), shared by every zone process: hooking a
     process is one perf event per site bound to its pid, which adds its address space to
     the uprobe's filter (only hooked processes get the breakpoints); unhooking closes them.
     The program is attached once per trace event, through an anchor perf event bound to an
@@ -184,9 +193,10 @@ class LibcUprobes:
     is paid once, when the probe detaches, not each time a zone goes.
     """
 
-    def __init__(self, bpf: Any) -> None:
+    def __init__(self, bpf: Any, hooks: tuple[LibcHook, ...] = LIBC_HOOKS) -> None:
         self._bpf = bpf
-        self._group = f"zw{os.getpid()}"
+        self._hooks = hooks
+        self._group = f"zw{os.getpid()}_{next(_instances)}"
         self._tracefs = tracefs()
         self._events: dict[tuple[int, int], list[_Event]] = {}  # libc (dev, ino) -> events
         self._fns: dict[str, int] = {}  # program name -> loaded program fd
@@ -231,7 +241,7 @@ class LibcUprobes:
             return events
         events = []
         try:
-            for site in resolve_sites(path):
+            for site in resolve_sites(path, self._hooks):
                 for kind, fn in (("p", site.entry), ("r", site.ret)):
                     if fn is None:
                         continue
@@ -306,7 +316,7 @@ def remove_stale_events(tracefs_dir: Path) -> None:
     except OSError:
         return
     for line in lines:
-        match = re.match(r"[pr]:(zw(\d+))/(\S+) ", line)
+        match = re.match(r"[pr]:(zw(\d+)_\d+)/(\S+) ", line)
         if match is None or Path(f"/proc/{match.group(2)}").exists():
             continue
         try:
