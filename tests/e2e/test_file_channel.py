@@ -74,11 +74,24 @@ def zones_json(tenants: Path) -> list[dict[str, object]]:
     return orjson.loads(out)  # type: ignore[no-any-return]
 
 
-def test_file_activity_of_two_tenants_zones(tmp_path: Path, zones: list[QemuZone]) -> None:
+@pytest.mark.parametrize("hooks", ["tracepoints", "uprobes"])
+def test_file_activity_of_two_tenants_zones(
+    tmp_path: Path, zones: list[QemuZone], hooks: str
+) -> None:
+    """Either way of hooking the file channel (syscall tracepoints, or uprobes on each QEMU's
+    libc: its 9p server's openat64, mkdirat, renameat, unlinkat, preadv64, pwritev64 run in
+    worker threads) gives the same events."""
     tenants = tmp_path / "tenants.yaml"
     tenants.write_text(TENANTS)
     with AgentProcess(
-        tmp_path, "--events", "--tenants", str(tenants), "--share-mount", "share=/mnt/share"
+        tmp_path,
+        "--events",
+        "--tenants",
+        str(tenants),
+        "--share-mount",
+        "share=/mnt/share",
+        "--file-hooks",
+        hooks,
     ) as agent:
         # The host touches the same folders: no zone process does this, so no event.
         for zone in zones:
@@ -98,6 +111,9 @@ def test_file_activity_of_two_tenants_zones(tmp_path: Path, zones: list[QemuZone
                 what=f"{zone.name}'s rmdir",
             )
         lines = agent.read()
+    if hooks == "uprobes":
+        for zone in zones:
+            assert f"file uprobes: hooked pid {zone.pid} " in agent.log.read_text()
 
     for zone, n in zip(zones, ("acme", "globex"), strict=True):
         events = file_events(lines, zone.name)

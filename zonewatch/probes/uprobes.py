@@ -282,7 +282,7 @@ class LibcUprobes:
             self.unhooked[pid] = str(exc)
             return
         self._attached[pid] = fds
-        log.debug("file uprobes: %d probes on %s in pid %d", len(fds), path, pid)
+        log.info("file uprobes: hooked pid %d (%d probes on %s)", pid, len(fds), path)
 
     def _detach(self, pid: int) -> None:
         for fd in self._attached.pop(pid, []):
