@@ -216,10 +216,14 @@ class PrometheusSink:
             self.stats = {s.zone.id: s for s in stats}
 
     def set_zones(self, zones: Sequence[Zone]) -> None:
+        """The zones now; the series of zones gone are no longer exported (zone churn must
+        not grow the label sets, nor this process, without bound)."""
         with self.lock:
             self.zones = list(zones)
             live = {z.id for z in zones}
             self.stats = {k: v for k, v in self.stats.items() if k in live}
+            names = {(z.name, z.tenant) for z in zones}
+            self.alerts = {k: n for k, n in self.alerts.items() if k[:2] in names}
 
     def flush(self) -> None:
         return None

@@ -103,3 +103,23 @@ def test_names_and_labels_follow_the_conventions() -> None:
     for name, _doc, _scale in ZONE_GAUGES.values():
         if name not in ("zonewatch_zone_alerts_open", "zonewatch_zone_vcpus"):  # counts
             assert UNIT_SUFFIX.search(name), name
+
+
+def test_a_gone_zones_series_go_with_it() -> None:
+    from zonewatch.model import Vmm, Zone
+
+    def zone(name: str) -> Zone:
+        return Zone(id=f"qemu-{name}", key=1, name=name, tenant="acme", vmm=Vmm.QEMU, pid=1,
+                    start_time=1)  # fmt: skip
+
+    sink = PrometheusSink(None)
+    sink.set_zones([zone("zone-a"), zone("zone-b")])
+    for name in ("zone-a", "zone-b"):
+        ref = ZoneRef(f"qemu-{name}", name, "acme", "qemu")
+        sink.export([Alert(1, ref, "r", Severity.HIGH, "s", (), {}, 1, 1, 1)])
+    sink.update_stats(
+        [dataclasses.replace(stats(), zone=ZoneRef("qemu-zone-a", "zone-a", "acme", "qemu"))]
+    )
+    sink.set_zones([zone("zone-b")])  # zone-a stopped
+    zones = {s.labels.get("zone") for s in scrape(sink)} - {None}
+    assert zones == {"zone-b"}
