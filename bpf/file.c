@@ -46,13 +46,33 @@ BPF_HASH(pending_io, u32, struct zw_fd_key, 4096);          /* tid -> fd being r
 BPF_TABLE("lru_hash", struct zw_fd_key, struct zw_fd_state, fds, ZW_MAX_FDS);
 BPF_PERCPU_ARRAY(scratch, struct zw_file_event, 1);
 BPF_PERCPU_ARRAY(lost, u64, ZW_LOST_NSOURCES);
+BPF_PERCPU_ARRAY(sent, u64, 1);  /* records sent from this CPU, for batched wake-ups */
 BPF_RINGBUF_OUTPUT(events, ZW_RINGBUF_PAGES);
+
+/* A reader that keeps up is woken by ringbuf_output(.., 0) for nearly every record, and
+ * the traced backend thread pays for each wake-up (irq_work: a self-IPI, a VM exit on a
+ * virtualized host). Wake it once per ZW_RB_WAKE_EVERY records from a CPU instead; the
+ * agent also drains every ring each poll interval, so a lone record waits at most that. */
+#ifndef ZW_RB_WAKE_EVERY
+#define ZW_RB_WAKE_EVERY 64
+#endif
 
 static __always_inline void count_lost(int source)
 {
 	u64 *n = lost.lookup(&source);
 	if (n)
 		(*n)++;
+}
+
+static __always_inline void send(struct zw_file_event *e)
+{
+	int zero = 0;
+	u64 *n = sent.lookup(&zero);
+	u64 flags = BPF_RB_FORCE_WAKEUP;
+	if (n && ++*n % ZW_RB_WAKE_EVERY)
+		flags = BPF_RB_NO_WAKEUP;
+	if (events.ringbuf_output(e, sizeof(*e), flags) != 0)
+		count_lost(ZW_LOST_RINGBUF);
 }
 
 static __always_inline u32 *zone_of_current(void)
@@ -118,8 +138,7 @@ static __always_inline int path_exit(long ret)
 		struct zw_fd_state state = {.zone_key = e->hdr.zone_key};
 		fds.update(&key, &state);
 	}
-	if (events.ringbuf_output(e, sizeof(*e), 0) != 0)
-		count_lost(ZW_LOST_RINGBUF);
+	send(e);
 	pending.delete(&tid);
 	return 0;
 }
@@ -171,8 +190,7 @@ static __always_inline int io_exit(long ret, int is_write)
 		return 0;
 	e->dirfd = k.fd;
 	e->ret = ret;
-	if (events.ringbuf_output(e, sizeof(*e), 0) != 0)
-		count_lost(ZW_LOST_RINGBUF);
+	send(e);
 	return 0;
 }
 
@@ -193,8 +211,7 @@ static __always_inline int close_enter(int fd)
 			e->dirfd = fd;
 			e->bytes_read = st->bytes_read;
 			e->bytes_written = st->bytes_written;
-			if (events.ringbuf_output(e, sizeof(*e), 0) != 0)
-				count_lost(ZW_LOST_RINGBUF);
+			send(e);
 		}
 	}
 	fds.delete(&key);

@@ -49,7 +49,8 @@ class AgentOptions:
     duration: float | None = None
     stats_interval: float = 1.0
     scan_interval: float = 0.5
-    poll_ms: int = 100
+    # Also the longest a record sent without a wake-up waits (bpf/file.c batches them).
+    poll_ms: int = 25
     loss_interval: float = 1.0
 
 

@@ -88,6 +88,10 @@ class RecordRingReader(Generic[R]):
         return 0
 
     def poll(self, timeout_ms: int) -> list[R]:
-        self._bpf.ring_buffer_poll(timeout_ms)
+        if timeout_ms:
+            self._bpf.ring_buffer_poll(timeout_ms)  # returns early on a wake-up
+        # Programs may send records without waking the reader (bpf/file.c batches its
+        # wake-ups): take whatever waits, woken or not.
+        self._bpf.ring_buffer_consume()
         raw, self._raw = self._raw, []
         return decode_all(self._registry, raw, self.errors) if raw else []
