@@ -181,12 +181,18 @@ class FakeRing:
         self.callback = callback
 
     def ring_buffer_poll(self, _timeout: int) -> None:
+        self.ring_buffer_consume()
+
+    def ring_buffer_consume(self) -> None:
         slot = ctypes.create_string_buffer(2048)
         for data in self.pending:
             ctypes.memmove(slot, data, len(data))
             self.callback(None, ctypes.addressof(slot), len(data))
             ctypes.memset(slot, 0xFF, len(slot))  # the ring reuses the space
         self.pending = []
+
+    def ring_buffer_consume(self) -> None:  # records sent without a wake-up
+        self.ring_buffer_poll(0)
 
 
 def test_ring_reader_copies_each_record_before_the_ring_reuses_it() -> None:
