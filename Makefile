@@ -37,7 +37,7 @@ test-e2e: $(STAMP) ## tests on real lab zones
 test-resilience: $(STAMP) ## event storm, zone churn, pid reuse, full disk, failing consumers, hostile strings
 	$(PYTEST) tests/resilience
 
-demo: $(STAMP) ## lab zones of two tenants + the agent printing JSON lines (Ctrl-C stops all)
+demo: $(STAMP) ## lab zones of two tenants, one compromised, and the agent's live UI (Ctrl-C stops all)
 	@bash scripts/setup.sh >/dev/null
 	$(PY) -m zonewatch.demo
 
