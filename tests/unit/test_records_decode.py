@@ -191,9 +191,6 @@ class FakeRing:
             ctypes.memset(slot, 0xFF, len(slot))  # the ring reuses the space
         self.pending = []
 
-    def ring_buffer_consume(self) -> None:  # records sent without a wake-up
-        self.ring_buffer_poll(0)
-
 
 def test_ring_reader_copies_each_record_before_the_ring_reuses_it() -> None:
     ring = FakeRing()
