@@ -926,6 +926,7 @@ def test_a_sequence_whose_iteration_fails_is_no_vmm() -> None:
         ("rtl\u202eevil", "rtl\\u202eevil"),
         ("bell\x07", "bell\\x07"),
         ("caf\u00e9-\u6771\u4eac", "caf\u00e9-\u6771\u4eac"),  # printable non-ASCII stays
+        ("bad" + os.fsdecode(b"\xff\xc3"), "bad\\xff\\xc3"),  # invalid UTF-8: its bytes
     ],
 )
 def test_names_never_carry_control_characters(raw: str, clean: str) -> None:

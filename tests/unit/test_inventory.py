@@ -166,3 +166,28 @@ def test_unreadable_or_garbage_processes_are_skipped(tmp_path: Path) -> None:
     proc.spawn(4242, QEMU_ARGV)
     inv = Inventory(TenantMap.empty(), proc=proc.root)
     assert [z.pid for z in inv.refresh().added] == [4242]
+
+
+def test_invalid_utf8_in_share_disk_and_tap_names_is_escaped_not_fatal(tmp_path: Path) -> None:
+    """argv may hold any bytes; what the zone carries is valid UTF-8 for JSON and gRPC, and
+    share paths are escaped as the file channel decodes paths (\\xNN), so they still match."""
+    import orjson
+
+    from zonewatch.api.convert import zone_pb
+
+    bad = os.fsdecode(b"\xff\xfe")
+    argv = [
+        a.replace("/srv/a/share", f"/srv/{bad}/share").replace("zwtap0", f"tap{bad}")
+        for a in QEMU_ARGV
+    ]
+    argv += ["-drive", f"file=/img/{bad}.qcow2,if=virtio"]
+    proc = FakeProc(tmp_path)
+    proc.spawn(10, argv)
+    inv = Inventory(proc=tmp_path)
+    inv.refresh()
+    (zone,) = inv.zones.values()
+    assert zone.shares[0].host_path == "/srv/\\xff\\xfe/share"
+    assert zone.disks == ("/img/\\xff\\xfe.qcow2",)
+    assert zone.taps == ("tap\\xff\\xfe",)
+    orjson.dumps(zone.to_json())  # raised TypeError (surrogates) before
+    zone_pb(zone).SerializeToString()  # raised UnicodeEncodeError before

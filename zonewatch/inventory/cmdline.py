@@ -59,6 +59,7 @@ __all__ = [
     "kata_sandbox_id",
     "parse_virtiofsd_cmdline",
     "parse_vmm_cmdline",
+    "utf8_text",
     "vcpu_index",
 ]
 
@@ -301,11 +302,28 @@ def _clean_text(text: str, limit: int = MAX_NAME_LEN) -> str:
     bidi controls) become visible escapes, and the result is bounded."""
     text = text[: limit * 4]
     if not text.isprintable():
-        text = "".join(
-            c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-            for c in text
-        )
+        text = "".join(c if c.isprintable() else _visible(c) for c in text)
     return text[:limit]
+
+
+def _visible(c: str) -> str:
+    """A non-printable character as an escape; an invalid UTF-8 byte (surrogate-escaped
+    when argv was decoded) as that byte, as paths show it."""
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def utf8_text(text: str) -> str:
+    """`text` as valid UTF-8: invalid bytes that argv or a path decoded to surrogates become
+    visible \\xNN escapes (as file paths from the kernel are decoded), other lone
+    surrogates \\uNNNN. For strings that reach JSON, protobuf and labels."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(_visible(c) if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+    return text
 
 
 _GENERIC_SOCKET_STEMS: Final = frozenset(

@@ -19,6 +19,7 @@ from zonewatch.inventory.cmdline import (
     VmmSpec,
     parse_virtiofsd_cmdline,
     parse_vmm_cmdline,
+    utf8_text,
 )
 from zonewatch.inventory.tenants import TenantMap
 from zonewatch.model import Share, Zone, zone_pids
@@ -115,7 +116,9 @@ class Inventory:
         zone_id = f"{spec.vmm}-{pid}-{start_time}"
         threads = procfs.thread_comms(self._proc, pid)
         vcpus = tuple(sorted(t for t, comm in threads.items() if VCPU_THREAD_PATTERN.match(comm)))
-        taps = tuple(sorted(set(procfs.tap_names(self._proc, pid)) | set(spec.tap_names)))
+        taps = tuple(
+            sorted({utf8_text(t) for t in (*procfs.tap_names(self._proc, pid), *spec.tap_names)})
+        )
         existing = self._zones.get(zone_id)
         if existing is not None:
             return replace(existing, vcpu_tids=vcpus, taps=taps)
@@ -130,8 +133,8 @@ class Inventory:
             start_time=start_time,
             vcpu_tids=vcpus,
             taps=taps,
-            shares=tuple(self._guest_mounted(s) for s in spec.shares),
-            disks=spec.disks,
+            shares=tuple(self._guest_mounted(_utf8_share(s)) for s in spec.shares),
+            disks=tuple(utf8_text(d) for d in spec.disks),
             labels=dict(spec.labels),
         )
         self._next_key += 1
@@ -155,11 +158,12 @@ class Inventory:
             helper_pids.append(pid)
             for i, share in enumerate(shares):
                 if share.backend == "virtiofs" and not share.host_path:
-                    shares[i] = replace(share, host_path=spec.shared_dir)
+                    shares[i] = replace(share, host_path=utf8_text(spec.shared_dir))
                     break
             else:
                 tag = spec.tag or f"virtiofs-{pid}"
-                shares.append(self._guest_mounted(Share(tag, spec.shared_dir, "virtiofs")))
+                share = Share(tag, spec.shared_dir, "virtiofs")
+                shares.append(self._guest_mounted(_utf8_share(share)))
         return replace(zone, helper_pids=tuple(sorted(helper_pids)), shares=tuple(shares))
 
     def _apply(self, seen: dict[str, Zone]) -> InventoryChange:
@@ -182,6 +186,12 @@ class Inventory:
             if now - since > TOMBSTONE_SECONDS:
                 del self._tombstones[key]
         return change
+
+
+def _utf8_share(share: Share) -> Share:
+    """A share whose strings are valid UTF-8 (argv may hold any bytes): what reaches JSON,
+    gRPC and the path matching, where file paths are decoded the same way."""
+    return replace(share, tag=utf8_text(share.tag), host_path=utf8_text(share.host_path))
 
 
 def _read_small_file(path: str) -> bytes:
