@@ -127,6 +127,13 @@ def boot(lab: Lab) -> QemuZone:
     return compromised
 
 
+def hold_signals() -> None:
+    """From here on the demo is cleaning up: another Ctrl-C (users press it twice) must not
+    cut that short and leave zones or taps behind. The agent gets 30 s, QEMU 5 s each."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def run_agent(cmd: list[str], duration: float | None) -> int:
     """The agent in the foreground of this terminal until it exits (q or Ctrl-C in the UI,
     --duration) or Ctrl-C reaches this process; returns its exit status."""
@@ -141,6 +148,7 @@ def run_agent(cmd: list[str], duration: float | None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        hold_signals()
         if agent.poll() is None:
             agent.send_signal(signal.SIGINT)
         try:
@@ -166,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             compromised = boot(lab)
             stack.enter_context(MicroVm(MICROVM[0], rate=500.0))
         except KeyboardInterrupt:
+            hold_signals()
             print("demo: interrupted; stopping zones", file=sys.stderr)
             return 130
         tenants = workdir / "tenants.yaml"
