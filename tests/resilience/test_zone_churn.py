@@ -79,15 +79,18 @@ def map_entries(pid: int) -> dict[str, int]:
 
 ZONE_VALUED = ("zone_pids", "zone_tids", "zone_ifs")  # id -> zone key
 PID_KEYED = ("zone_pids", "spawned", "exit_status")  # tgid -> ...
+ZONE_KEYED = ("budget", "counters")  # zone key -> (kvm's counters has a struct key instead)
 
 
 def mentions(map_name: str, entry: Any, keys: set[int], pids: set[int]) -> bool:
     """Whether a map entry belongs to one of the zones (by key) or their processes."""
     base = map_name.split("#", maxsplit=1)[0]
-    key, value = entry["key"], entry["value"]
+    key, value = entry["key"], entry.get("value", entry.get("values"))  # per-CPU: values
     if base in ZONE_VALUED and value in keys:
         return True
     if base in PID_KEYED and key in pids:
+        return True
+    if base in ZONE_KEYED and isinstance(key, int) and key in keys:
         return True
 
     def walk(node: Any, field: str) -> bool:
