@@ -24,8 +24,12 @@ Metrics:
                                records (baseline: that step's rate, where loss starts)
   live_loss_at_onset_fraction  lost / offered at that step
 
-Unlike bench_pipeline (CPU time), this is wall time: the agent's core is shared with
-whatever else runs on the box, and the rate it keeps up with drops with it.
+  live_events_per_cpu_s_at_onset  at that step, records handled per second of the agent
+                               thread's own CPU time (comparable with bench_pipeline)
+  live_agent_core_share_at_onset   and how much of its core the agent thread got
+
+Unlike bench_pipeline (CPU time), the rates offered are wall time: the agent's core is
+shared with whatever else runs on the box, and the rate it keeps up with drops with it.
 
 Environment: ZW_BENCH_LIVE_SECONDS (default 3), ZW_BENCH_LIVE_RATES (records/s, comma
 separated; default 6000,12000,24000,36000,48000,60000,75000,90000,120000,150000,200000).
@@ -180,6 +184,13 @@ class Step:
     records: int
     expected: int
     lost: int
+    cpu_s: float  # the agent's CPU time over the step (its thread)
+    wall_s: float
+
+    @property
+    def per_cpu_s(self) -> float:
+        """Records the agent handled per second of its own CPU time."""
+        return self.records / self.cpu_s if self.cpu_s else 0.0
 
 
 def lost_total(probe: FileProbe) -> int:
@@ -190,6 +201,7 @@ def lost_total(probe: FileProbe) -> int:
 def step(agent: Agent, probe: FileProbe, loop: Loop, records_per_s: int) -> Step:
     stats = agent.attribution.stats
     before_records, before_lost = stats.records, lost_total(probe)
+    cpu0, wall0 = time.thread_time(), time.monotonic()
     loop.start(SECONDS, records_per_s / RECORDS_PER_OP)
     agent.options.duration = SECONDS
     agent._loop(threading.Event())  # the agent's own loop: epoll, drain, rules, stats, loss
@@ -206,6 +218,8 @@ def step(agent: Agent, probe: FileProbe, loop: Loop, records_per_s: int) -> Step
         records=stats.records - before_records,
         expected=expected,
         lost=lost_total(probe) - before_lost,
+        cpu_s=time.thread_time() - cpu0,
+        wall_s=time.monotonic() - wall0,
     )
 
 
@@ -257,7 +271,9 @@ def run() -> dict[str, Metric]:
                         if not again.lost:
                             s = again
                     print(f"  {rate:>7} rec/s offered {s.offered:>9.0f}, received {s.records}"
-                          f" of {s.expected}, lost {s.lost}", flush=True)  # fmt: skip
+                          f" of {s.expected}, lost {s.lost}; agent CPU {s.cpu_s / s.wall_s:.0%}"
+                          f" of its core, {s.per_cpu_s:.0f} records per CPU-s",
+                          flush=True)  # fmt: skip
                     results.append(s)
                     lossy_in_a_row = lossy_in_a_row + 1 if s.lost else 0
                     if lossy_in_a_row >= 2 or s.offered < 0.8 * rate:
@@ -275,6 +291,10 @@ def run() -> dict[str, Metric]:
     out = {"live_lossless_events_per_s": metric(best, "events/s", onset.offered if onset else None)}
     if onset is not None:
         out["live_loss_at_onset_fraction"] = metric(onset.lost / onset.expected, "fraction")
+        # Where the agent fell behind: what it handled per second of the CPU it got, and
+        # how much of its core it got (others' work on a shared box takes the rest).
+        out["live_events_per_cpu_s_at_onset"] = metric(onset.per_cpu_s, "events/s")
+        out["live_agent_core_share_at_onset"] = metric(onset.cpu_s / onset.wall_s, "fraction")
     return out
 
 
