@@ -35,6 +35,7 @@ from zonewatch.lab import workloads
 from zonewatch.lab.lab import Lab, tenants_yaml
 from zonewatch.lab.microvm import MicroVmProcess
 from zonewatch.lab.qemu import QemuZone, ZoneSpec
+from zonewatch.lab.state import LabError
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
 COMPROMISED = ("shop-web", "acme")
@@ -110,7 +111,11 @@ def no_forwarding(zone: QemuZone) -> None:
 
 def boot(lab: Lab) -> QemuZone:
     """Spawn the three zones (boots overlap), the compromised one last: its workload names
-    the target zone's address. Returns the compromised zone once every zone is ready."""
+    the target zone's address. Returns the compromised zone once every zone is ready.
+
+    The agent starts after the boots, not during them: on two cores it would not start any
+    sooner, and each zone it saw come up would re-raise audit findings for every zone,
+    crowding the UI's alerts pane just as the first attacks arrive."""
     by_name: dict[str, QemuZone] = {}
     for name, tenant, workload in BENIGN:  # free indexes: other labs may be running
         (by_name[name],) = lab.start(
@@ -177,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             hold_signals()
             print("demo: interrupted; stopping zones", file=sys.stderr)
             return 130
+        except LabError as exc:
+            hold_signals()
+            print(f"demo: {exc}; stopping zones", file=sys.stderr)
+            return 1
         tenants = workdir / "tenants.yaml"
         tenants.write_text(tenants_yaml([*((z.name, z.tenant) for z in lab.zones), MICROVM]))
         for zone in lab.zones:

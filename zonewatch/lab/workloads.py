@@ -31,21 +31,27 @@ def route_via_host(ip: str) -> str:
     return f"ip route add {ip}/32 via $ZW_HOST_IP\n"
 
 
-def connect(ip: str, port: int, payload: str, *, tries: int = 1, wait_s: int = 3) -> str:
+def connect(
+    ip: str, port: int, payload: str, *, tries: int = 1, wait_s: int = 3, background: bool = False
+) -> str:
     """TCP connections to ip:port sending `payload`, up to `tries` (each a new flow) until
-    one succeeds."""
+    one succeeds; `background`: one try, not waited for (its SYN leaves at once)."""
     send = f"echo {payload} | nc -w {wait_s} {ip} {port}"
+    if background:
+        return f"({send} >/dev/null 2>&1 &)\n"
     if tries == 1:
         return f"{send} >/dev/null 2>&1\n"
     return f"for i in $(seq 1 {tries}); do {send} && break; usleep 200000; done\n"
 
 
-def metadata_request(wait_s: int = 3) -> str:
-    """An HTTP request for the instance metadata (what steals a host's cloud credentials)."""
-    return (
+def metadata_request(wait_s: int = 3, background: bool = False) -> str:
+    """An HTTP request for the instance metadata (what steals a host's cloud credentials);
+    `background`: not waited for."""
+    request = (
         f"printf 'GET /latest/meta-data/ HTTP/1.0\\r\\n\\r\\n' | nc -w {wait_s} {METADATA_IP} 80"
-        " >/dev/null 2>&1\n"
+        " >/dev/null 2>&1"
     )
+    return f"({request} &)\n" if background else request + "\n"
 
 
 def port_scan(ip: str, count: int, base: int, marker: str = "") -> str:
@@ -132,15 +138,19 @@ def compromised(target_ip: str, pause_s: int = 3) -> str:
     `target_ip` (a few service ports), a way out through the share, an SSH key planted
     in the share, and every fourth round a port scan of the host end of its tap.
 
+    The connections are not waited for (nothing answers them: the host routes nothing on),
+    so a round takes about `pause_s` and an agent that starts late sees the next one soon.
     Each step is announced on the console (`ZW-ACT <step> <round>`)."""
     step = "echo ZW-ACT {} $n\n".format
-    lateral = "".join(connect(target_ip, port, "hello", wait_s=1) for port in LATERAL_PORTS)
+    lateral = "".join(
+        connect(target_ip, port, "hello", wait_s=1, background=True) for port in LATERAL_PORTS
+    )
     return (
         route_via_host(METADATA_IP)
         + route_via_host(target_ip)
         + "n=0\nwhile true; do\n  n=$((n+1))\n"
         + step("metadata")
-        + metadata_request(wait_s=1)
+        + metadata_request(wait_s=1, background=True)
         + step("lateral")
         + lateral
         + step("escape")
