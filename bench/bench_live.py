@@ -31,7 +31,8 @@ Metrics:
 Unlike bench_pipeline (CPU time), the rates offered are wall time: the agent's core is
 shared with whatever else runs on the box, and the rate it keeps up with drops with it.
 
-Environment: ZW_BENCH_LIVE_SECONDS (default 3), ZW_BENCH_LIVE_RATES (records/s, comma
+Environment: ZW_BENCH_LIVE_SECONDS (default 3), ZW_BENCH_LIVE_RING_PAGES (the file probe's
+ring buffer in pages, default 256 as the agent runs it), ZW_BENCH_LIVE_RATES (records/s, comma
 separated; default 6000,12000,24000,36000,48000,60000,75000,90000,120000,150000,200000).
 """
 
@@ -58,6 +59,7 @@ from zonewatch.probes.file import FileProbe
 from zonewatch.rules.engine import RuleSet
 
 SECONDS = float(os.environ.get("ZW_BENCH_LIVE_SECONDS", "3"))
+RING_PAGES = int(os.environ.get("ZW_BENCH_LIVE_RING_PAGES", "256"))  # FileProbe's default
 RATES = [
     int(r)
     for r in os.environ.get(
@@ -227,7 +229,7 @@ def step(agent: Agent, probe: FileProbe, loop: Loop, records_per_s: int) -> Step
 def live_agent(share: Path, pid: int, tmp: Path) -> Iterator[tuple[Agent, FileProbe]]:
     zone = Zone(id="live", key=ZONE_KEY, name="live", tenant="t", vmm=Vmm.QEMU, pid=pid,
                 start_time=0, shares=(Share("share", str(share), "9p", "/mnt/share"),))  # fmt: skip
-    probe = FileProbe()
+    probe = FileProbe(ringbuf_pages=RING_PAGES)
     probe.attach()
     jsonl = JsonlSink(str(tmp / "alerts.jsonl"))
     delivery = Delivery(Journal(str(tmp / "journal")), [jsonl])
