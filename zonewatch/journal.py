@@ -287,6 +287,9 @@ class Journal:
         assert active.index is not None
         if written:
             self._dirty = True  # the flusher thread fsyncs: appends never wait for the disk
+        if not self._head_written and written == self.health.backlog_bytes:
+            self._commit_all_locked(active)  # the usual case: everything went in one write
+            return
         while written and self._pending:
             alert, line = self._pending[0]
             need = len(line) - self._head_written
@@ -302,6 +305,19 @@ class Journal:
             self._head_written = 0
             self._written_seq = alert.seq
             self._pending.popleft()
+
+    def _commit_all_locked(self, active: _Segment) -> None:
+        assert active.index is not None
+        count, size = active.count, active.size
+        for alert, line in self._pending:
+            if count % INDEX_EVERY == 0:
+                active.index.append((alert.seq, size))
+            count += 1
+            size += len(line)
+        active.count, active.size = count, size
+        self._written_seq = self._pending[-1][0].seq
+        self._pending.clear()
+        self.health.backlog_bytes = 0
 
     def _failed_locked(self, exc: OSError) -> None:
         h = self.health

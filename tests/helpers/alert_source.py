@@ -50,6 +50,10 @@ def main() -> int:
     args = p.parse_args()
     sinks = [JsonlSink(args.jsonl)] if args.jsonl else []
     d = delivery.build(delivery.config_from_args(args), sinks)
+    if d.prometheus is not None:  # /metrics shows the delivery's health, as the agent's does
+        from zonewatch.exporters.prometheus import AgentHealth
+
+        d.prometheus.health = lambda: AgentHealth(**d.health())
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: Any) -> None:

@@ -7,11 +7,15 @@ from __future__ import annotations
 import errno
 import os
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.helpers.source import SourceProcess
 from tests.resilience.conftest import ADMIN
+from tests.resilience.support import free_port
 from zonewatch.api.client import Client, open_channel
 from zonewatch.journal import decode
 
@@ -54,6 +58,12 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)  # polling files another process writes: nothing to await
 
 
+def scrape(address: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def receive(address: str, resume_after: int, n: int) -> tuple[list[int], list[str]]:
     """The seqs of the next n alerts after `resume_after`, and the kinds of anything else
     but heartbeats."""
@@ -84,7 +94,8 @@ def test_full_journal_disk_keeps_alerts_in_memory_and_flushes_when_space_returns
     assert filled <= 256 << 10
     address = f"unix:{tmp_path}/zw.sock"
     log = tmp_path / "source.log"
-    args = ("--rate", "400", "--count", str(COUNT), "--batch", "20")
+    metrics = f"127.0.0.1:{free_port()}"
+    args = ("--rate", "400", "--count", str(COUNT), "--batch", "20", "--metrics", metrics)
     with SourceProcess(journal, tokens_file, address, log, *args) as source:
         # Subscribers get every alert, numbered, while the disk refuses every line.
         seqs, other = receive(address, 0, COUNT)
@@ -96,12 +107,17 @@ def test_full_journal_disk_keeps_alerts_in_memory_and_flushes_when_space_returns
         errors = [line for line in log.read_text().splitlines() if "cannot write" in line]
         assert len(errors) == 1, log.read_text()  # one line for the episode, not per alert
         assert "No space left on device" in errors[0] and str(journal) in errors[0]
+        held = scrape(metrics)  # the backlog and the failed writes are counted
+        assert held["zonewatch_journal_backlog"] == COUNT - len(on_disk)
+        assert held["zonewatch_journal_write_errors_total"] >= 1
+        assert held["zonewatch_journal_dropped_total"] == 0
         os.unlink(filler)  # space returns: the flusher writes the backlog, in order
         t0 = time.monotonic()
         wait_for(lambda: len(journal_seqs(journal)) == COUNT, 10, "the backlog on disk")
         flushed_s = time.monotonic() - t0
         assert journal_seqs(journal) == list(range(1, COUNT + 1))
         assert "writable again" in log.read_text()
+        assert scrape(metrics)["zonewatch_journal_backlog"] == 0
         assert source.stop() == 0
     print(f"filler {filled} B; {len(on_disk)} of {COUNT} alerts fit before the disk was full; "
           f"backlog on disk {flushed_s:.2f} s after space returned")  # fmt: skip
