@@ -11,6 +11,7 @@ from typing import BinaryIO
 import orjson
 
 from zonewatch.exporters.base import JsonRecord
+from zonewatch.model import json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class JsonlSink:
         if self._broken:
             self.failed += len(records)
             return
-        data = b"".join(orjson.dumps(r.to_json()) + b"\n" for r in records)
+        data = b"".join(json_bytes(r.to_json(), orjson.OPT_APPEND_NEWLINE) for r in records)
         try:
             if self.max_bytes and self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()

@@ -45,7 +45,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from zonewatch import __version__
 from zonewatch.exporters.base import JsonRecord
-from zonewatch.model import Alert, Severity, Zone, ZoneStats
+from zonewatch.model import Alert, Severity, Zone, ZoneStats, utf8_all, utf8_text
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def alert_attributes(alert: Alert) -> dict[str, Any]:
     for key, value in alert.evidence.items():
         name = EVIDENCE_ATTRIBUTES.get(key, f"zonewatch.evidence.{key}")
         attrs[name] = _attr_value(value)
-    return attrs
+    clean: dict[str, Any] = utf8_all(attrs)  # protobuf strings must be valid UTF-8
+    return clean
 
 
 @dataclass(slots=True)
@@ -416,7 +417,7 @@ class OtlpSink:
             context=context,
             severity_number=SEVERITY_NUMBER[alert.severity],
             severity_text=str(alert.severity).upper(),
-            body=alert.summary,
+            body=utf8_text(alert.summary),
             attributes=attrs,
             event_name=EVENT_NAME,
         )

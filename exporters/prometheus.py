@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from zonewatch.exporters.base import JsonRecord
-from zonewatch.model import Alert, Lost, Zone, ZoneStats
+from zonewatch.model import Alert, Lost, Zone, ZoneStats, utf8_text
 
 
 @dataclass(slots=True)
@@ -204,7 +204,8 @@ class PrometheusSink:
         with self.lock:
             for r in records:
                 if isinstance(r, Alert):
-                    key = (r.zone.name, r.zone.tenant, str(r.severity))
+                    # Label values must be valid UTF-8, or the whole scrape fails.
+                    key = (utf8_text(r.zone.name), utf8_text(r.zone.tenant), str(r.severity))
                     self.alerts[key] = self.alerts.get(key, 0) + 1
                 elif isinstance(r, Lost):
                     self.lost[r.source] = self.lost.get(r.source, 0) + r.count

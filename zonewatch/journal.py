@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 from zonewatch.errors import ConfigError
-from zonewatch.model import Alert, Severity, ZoneRef
+from zonewatch.model import Alert, Severity, ZoneRef, json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class JournalHealth:
 def encode(alert: Alert) -> bytes:
     """One journal line (compact keys; ints stay ints)."""
     z = alert.zone
-    return orjson.dumps(
+    return json_bytes(
         {
             "seq": alert.seq,
             "ts": alert.ts_ns,
@@ -83,7 +83,7 @@ def encode(alert: Alert) -> bytes:
             "last": alert.last_ts_ns,
             "lost": alert.lost_in_window,
         },
-        option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS,
+        orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS,
     )
 
 

@@ -12,7 +12,49 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 DEFAULT_TENANT = "default"
+
+
+def visible_char(c: str) -> str:
+    """A non-printable character as an escape; an invalid UTF-8 byte (a surrogate escape, as
+    argv and paths decode it) as that byte."""
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def utf8_text(text: str) -> str:
+    """`text` as valid UTF-8: invalid bytes that argv or a path decoded to surrogates become
+    visible \\xNN escapes (as the file channel decodes paths), other lone surrogates
+    \\uNNNN. For strings that reach JSON, protobuf and labels."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(visible_char(c) if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+    return text
+
+
+def utf8_all(value: Any) -> Any:
+    """utf8_text over every string of a JSON-like value (tuples become lists)."""
+    if isinstance(value, str):
+        return utf8_text(value)
+    if isinstance(value, dict):
+        return {utf8_all(k): utf8_all(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [utf8_all(v) for v in value]
+    return value
+
+
+def json_bytes(obj: Any, option: int = 0) -> bytes:
+    """orjson.dumps, never failing on a string that is not valid UTF-8 (a lone surrogate):
+    such strings are escaped (utf8_text) instead. Nothing a guest names breaks a line."""
+    try:
+        return orjson.dumps(obj, option=option)
+    except TypeError:
+        return orjson.dumps(utf8_all(obj), option=option)
 
 
 class Vmm(enum.StrEnum):

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from zonewatch.api.gen.zonewatch.v1 import zonewatch_pb2 as pb
-from zonewatch.model import Alert, Severity, Zone, ZoneRef, ZoneStats
+from zonewatch.model import Alert, Severity, Zone, ZoneRef, ZoneStats, json_bytes, utf8_text
 
 # ZoneStats fields that are maps in the message; every other field is a scalar of the same
 # name (tests/unit/test_api_convert.py checks that both sides list the same fields).
@@ -17,7 +17,9 @@ STATS_SKIP = ("zone",)
 
 
 def zone_ref_pb(ref: ZoneRef) -> Any:
-    return pb.ZoneRef(id=ref.id, name=ref.name, tenant=ref.tenant, vmm=ref.vmm)
+    return pb.ZoneRef(
+        id=utf8_text(ref.id), name=utf8_text(ref.name), tenant=utf8_text(ref.tenant), vmm=ref.vmm
+    )
 
 
 def zone_ref_from_pb(msg: Any) -> ZoneRef:
@@ -29,11 +31,11 @@ def alert_pb(alert: Alert) -> Any:
         seq=alert.seq,
         ts_ns=alert.ts_ns,
         zone=zone_ref_pb(alert.zone),
-        rule=alert.rule,
+        rule=utf8_text(alert.rule),
         severity=f"SEVERITY_{alert.severity.name}",
-        summary=alert.summary,
-        tags=list(alert.tags),
-        evidence_json=orjson.dumps(alert.evidence, option=orjson.OPT_NON_STR_KEYS).decode(),
+        summary=utf8_text(alert.summary),
+        tags=[utf8_text(t) for t in alert.tags],
+        evidence_json=json_bytes(alert.evidence, orjson.OPT_NON_STR_KEYS).decode(),
         count=alert.count,
         first_ts_ns=alert.first_ts_ns,
         last_ts_ns=alert.last_ts_ns,

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
-from zonewatch.model import Share, Vmm
+from zonewatch.model import Share, Vmm, utf8_text, visible_char
 
 __all__ = [
     "LABEL_CH_API_SOCKET",
@@ -302,28 +302,8 @@ def _clean_text(text: str, limit: int = MAX_NAME_LEN) -> str:
     bidi controls) become visible escapes, and the result is bounded."""
     text = text[: limit * 4]
     if not text.isprintable():
-        text = "".join(c if c.isprintable() else _visible(c) for c in text)
+        text = "".join(c if c.isprintable() else visible_char(c) for c in text)
     return text[:limit]
-
-
-def _visible(c: str) -> str:
-    """A non-printable character as an escape; an invalid UTF-8 byte (surrogate-escaped
-    when argv was decoded) as that byte, as paths show it."""
-    code = ord(c)
-    if 0xDC80 <= code <= 0xDCFF:
-        return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def utf8_text(text: str) -> str:
-    """`text` as valid UTF-8: invalid bytes that argv or a path decoded to surrogates become
-    visible \\xNN escapes (as file paths from the kernel are decoded), other lone
-    surrogates \\uNNNN. For strings that reach JSON, protobuf and labels."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "".join(_visible(c) if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
-    return text
 
 
 _GENERIC_SOCKET_STEMS: Final = frozenset(
