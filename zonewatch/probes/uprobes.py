@@ -12,6 +12,7 @@ threads created later included (the kernel filters uprobes by address space).
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import logging
 import os
@@ -276,7 +277,10 @@ class LibcUprobes:
                 fds.append(fd)
                 _ioctl(fd, PERF_EVENT_IOC_ENABLE)
         except OSError as exc:  # the process may have exited meanwhile
-            log.warning("file uprobes: pid %d not hooked: %s", pid, exc)
+            hint = ""
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                hint = f" (is {self._tracefs} mounted read-write?)"
+            log.warning("file uprobes: pid %d not hooked: %s%s", pid, exc, hint)
             for fd in fds:
                 os.close(fd)
             self.unhooked[pid] = str(exc)
