@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.helpers.agent import Line
 from tests.resilience.support import Agent, events_of
 from zonewatch.lab.microvm import MicroVmProcess
+from zonewatch.probes.file import FileProbe
 
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
 ATTEMPTS = 500  # other processes on the host may take the pid first: try again
@@ -100,3 +103,93 @@ def test_a_reused_pid_never_inherits_the_gone_zone(agent: Agent, tmp_path: Path)
         f"rescan and by a new zone; {len(events_of(lines, 'reuse-old'))} events for the old "
         f"zone, {len(new_events)} for the new, 0 for the impostor"
     )
+
+
+HOLDER = r"""
+import os, sys
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd, *rest = line.split()
+    if cmd == "open":  # keep it open: the process may die holding it
+        fd = os.open(rest[0], os.O_CREAT | os.O_WRONLY, 0o600)
+        if len(rest) > 1 and fd != int(rest[1]):  # as fd number rest[1]
+            os.dup2(fd, int(rest[1]))
+            os.close(fd)
+            fd = int(rest[1])
+        print(fd, flush=True)
+    elif cmd == "write":
+        print(os.write(int(rest[0]), b"x" * 100), flush=True)
+"""
+
+
+class Holder:
+    """A process that opens and writes files when told (stdin), one reply line each."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+
+    def do(self, command: str) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+
+
+def holder(cwd: Path, pid: int | None = None) -> Holder:
+    argv = [sys.executable, "-c", HOLDER]
+    if pid is None:
+        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)  # fmt: skip
+    else:
+        for _ in range(ATTEMPTS):
+            NS_LAST_PID.write_text(str(pid - 1))
+            proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)  # fmt: skip
+            if proc.pid == pid:
+                break
+            Holder(proc).close()
+        else:
+            raise AssertionError(f"pid {pid} never came back")
+    return Holder(proc)
+
+
+def drain(probe: FileProbe) -> list[Any]:
+    out: list[Any] = []
+    while batch := probe.poll(200):
+        out += batch
+    return out
+
+
+def test_a_file_the_gone_zone_held_open_is_not_the_new_zones(tmp_path: Path) -> None:
+    """The old zone's process dies holding a traced file open; a new zone's process gets
+    its pid and writes on the same fd number (opened before it was a zone's): that write
+    is not the old zone's (the kernel's per-fd state of a gone process is dropped)."""
+    probe = FileProbe()
+    probe.attach()
+    old = new = None
+    try:
+        old = holder(tmp_path)
+        pid = old.proc.pid
+        probe.set_zone_pids({pid: 1})
+        fd = old.do("open held-by-old")
+        assert [r.zone_key for r in drain(probe)] == [1]  # its open, traced
+        old.close()  # killed holding it
+        new = holder(tmp_path, pid)
+        assert new.do(f"open new-file {fd}") == fd  # before it is a zone's: not traced
+        probe.set_zone_pids({pid: 2})  # the inventory: the old zone gone, a new one, same pid
+        assert new.do(f"write {fd}") == 100
+        records = drain(probe)
+    finally:
+        for h in (old, new):
+            if h is not None:
+                h.close()
+        probe.detach()
+    assert [r for r in records if r.zone_key == 1] == []

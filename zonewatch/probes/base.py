@@ -35,6 +35,11 @@ class ZonePidFilter:
         self._table = table
         self._current: dict[int, int] = {}
 
+    def leaving(self, pids: Mapping[int, int]) -> set[int]:
+        """The ids a sync(pids) takes from their zone: gone, or now another zone's (a
+        reused pid)."""
+        return {pid for pid, key in self._current.items() if pids.get(pid) != key}
+
     def sync(self, pids: Mapping[int, int]) -> None:
         for pid in self._current.keys() - pids.keys():
             # The kernel may have dropped it already, when the process exited.

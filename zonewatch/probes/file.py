@@ -18,7 +18,7 @@ from typing import Any, Literal
 from zonewatch.model import Zone, zone_pids
 from zonewatch.probes.base import ZonePidFilter, sum_percpu
 from zonewatch.probes.loader import load_program, syscall_tracepoint_defines
-from zonewatch.probes.maps import RecordRingReader
+from zonewatch.probes.maps import MapReader, RecordRingReader
 from zonewatch.probes.records import DECODERS, LostSource, Record
 from zonewatch.probes.uprobes import LIBC_HOOKS, STREAM_IO_HOOKS, LibcUprobes
 
@@ -61,6 +61,7 @@ class FileProbe:
         self._ringbuf_pages = ringbuf_pages
         self._bpf: Any = None
         self._filter: ZonePidFilter | None = None
+        self._maps = MapReader()
         self._reader: RecordRingReader[Record] | None = None
         self._uprobes: LibcUprobes | None = None
         self.missing: list[str] = []
@@ -99,11 +100,22 @@ class FileProbe:
 
     def set_zone_pids(self, pids: Mapping[int, int]) -> None:
         assert self._filter is not None, "attach() first"
+        leaving = self._filter.leaving(pids)
+        if leaving:  # before the filter takes a reused pid: no new entry can be made yet
+            self._forget_fds(leaving)
         self._filter.sync(pids)
         if self._uprobes is not None:
             # After the filter: a process hooked is already a zone's, so its first call
             # is attributed.
             self._uprobes.sync(pids)
+
+    def _forget_fds(self, pids: set[int]) -> None:
+        """Drop the kernel's per-fd state of processes that left their zone: a process that
+        died holding a traced file leaves its entry, which a reused pid's I/O on that fd
+        number would otherwise count (and report) as the gone zone's."""
+        fds = self._bpf[b"fds"]
+        stale = [k for k, _v in self._maps.items(fds) if k.pid in pids]
+        self._maps.delete(fds, stale)
 
     @property
     def hooked_pids(self) -> set[int]:
