@@ -166,14 +166,23 @@ def test_zones_json_lists_lab_zones_and_drops_stopped_ones(
     assert zones[1].name in listed
 
 
-def test_a_zone_that_boots_and_stops_while_the_agent_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hooks", ["tracepoints", "uprobes"])
+def test_a_zone_that_boots_and_stops_while_the_agent_runs(tmp_path: Path, hooks: str) -> None:
     """The inventory follows zones that come and go under a running agent: a zone booted
     after the agent attached is watched within a second of its QEMU appearing, and once it
-    stops it leaves the kernel filter (its pid is no zone any more)."""
+    stops it leaves the kernel filter (its pid is no zone any more); with uprobes, its QEMU
+    is hooked when it appears and unhooked when it goes."""
     tenants = tmp_path / "tenants.yaml"
     tenants.write_text(TENANTS)
     with AgentProcess(
-        tmp_path, "--events", "--tenants", str(tenants), "--share-mount", "share=/mnt/share"
+        tmp_path,
+        "--events",
+        "--tenants",
+        str(tenants),
+        "--share-mount",
+        "share=/mnt/share",
+        "--file-hooks",
+        hooks,
     ) as agent:
         spec = ZoneSpec("e2e-acme-late", "acme", WORKLOAD.format(n="late"), index=43)
         with QemuZone(spec) as zone:
@@ -188,6 +197,9 @@ def test_a_zone_that_boots_and_stops_while_the_agent_runs(tmp_path: Path) -> Non
             )
             pid = zone.pid
         agent.wait_log(f"zone gone: {spec.name} (pid {pid})", timeout=5)
+        if hooks == "uprobes":
+            assert f"file uprobes: hooked pid {pid} " in agent.log.read_text()
+            agent.wait_log(f"file uprobes: unhooked pid {pid}", timeout=5)
     events = file_events(agent.lines, spec.name)
     assert {e["zone"]["tenant"] for e in events} == {"acme"}
     assert ("create", "/mnt/share/late-dir/notes.txt") in [

@@ -289,8 +289,11 @@ class LibcUprobes:
         log.info("file uprobes: hooked pid %d (%d probes on %s)", pid, len(fds), path)
 
     def _detach(self, pid: int) -> None:
-        for fd in self._attached.pop(pid, []):
+        fds = self._attached.pop(pid, [])
+        for fd in fds:
             os.close(fd)  # the trace event lives on (the anchor holds it): no grace period
+        if fds:
+            log.info("file uprobes: unhooked pid %d", pid)
 
     def _remove(self, events: list[_Event]) -> None:
         for event in events:
