@@ -76,6 +76,7 @@ def checks() -> list[Check]:
                     essential=cat == "syscalls",
                 )
             )
+    out.append(uprobe_check(tfs, cfg))
     kprobes = cfg.get("CONFIG_KPROBES") == "y"
     out.append(
         Check(
@@ -99,6 +100,19 @@ def checks() -> list[Check]:
         Check("QEMU", qemu is not None, qemu or "qemu-system-x86 not installed", essential=False)
     )
     return out
+
+
+def uprobe_check(tfs: Path | None, cfg: dict[str, str]) -> Check:
+    """`--file-hooks uprobes` makes uprobe trace events in tracefs's uprobe_events."""
+    name = "file (uprobes, low-overhead)"
+    if cfg and cfg.get("CONFIG_UPROBE_EVENTS") != "y":
+        return Check(name, False, "CONFIG_UPROBE_EVENTS is not set", essential=False)
+    events = tfs / "uprobe_events" if tfs is not None else None
+    if events is None or not events.exists():
+        return Check(name, False, "no uprobe_events in tracefs", essential=False)
+    if not os.access(events, os.W_OK):
+        return Check(name, False, f"{events} is not writable (read-only mount?)", essential=False)
+    return Check(name, True, f"--file-hooks uprobes can use {events}", essential=False)
 
 
 def run_doctor() -> int:

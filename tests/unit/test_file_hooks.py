@@ -61,3 +61,14 @@ def test_stale_trace_events_of_dead_agents_are_removed(tmp_path: Path) -> None:
     remove_stale_events(tmp_path)
     appended = (tmp_path / "uprobe_events").read_text().splitlines()[4:]
     assert appended == [f"-:zw{dead}_1/p_52db4_f8150", f"-:zw{dead}_1/r_52db4_f8150"]
+
+
+def test_doctor_says_whether_uprobe_mode_can_work(tmp_path: Path) -> None:
+    from zonewatch.doctor import uprobe_check
+
+    assert not uprobe_check(tmp_path, {}).ok  # no uprobe_events
+    (tmp_path / "uprobe_events").write_text("")
+    check = uprobe_check(tmp_path, {"CONFIG_UPROBE_EVENTS": "y"})
+    assert check.ok and not check.essential
+    assert not uprobe_check(tmp_path, {"CONFIG_KPROBES": "y"}).ok  # uprobe events not built
+    assert not uprobe_check(None, {}).ok  # no tracefs
