@@ -4,9 +4,9 @@ subscribers that read a few alerts and vanish (half cancel, half drop their conn
 Publishing never waits on them, the server forgets every one of them, this process's fds
 and memory come back, and a consumer that resumes from where it stopped misses nothing.
 
-OTLP collector down and back: tests/integration/test_grpc_stream.py
-(test_otlp_down_then_up_delivery_goes_on); a slow subscriber and kill -9 of the agent with
-resume: the same file."""
+OTLP collector down and back: test_otlp_flapping.py here, and
+tests/integration/test_grpc_stream.py (test_otlp_down_then_up_delivery_goes_on); a slow
+subscriber and kill -9 of the agent with resume: the same file."""
 
 from __future__ import annotations
 
