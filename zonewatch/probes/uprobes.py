@@ -19,6 +19,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,9 +229,14 @@ class LibcUprobes:
 
     def _anchor_pid(self) -> int:
         if self._anchor is None or self._anchor.poll() is not None:
-            # Sleeps until the probe detaches: it runs no hooked code, so it never traps.
+            # Waits on a pipe until the probe detaches, or until this process dies in any
+            # way (the pipe closes): it runs no hooked code meanwhile, so it never traps.
+            # This interpreter, not a `sleep` binary the agent's image may not have.
             self._anchor = subprocess.Popen(
-                ["sleep", "infinity"], stdin=subprocess.DEVNULL, close_fds=True
+                [sys.executable, "-S", "-E", "-c", "import sys; sys.stdin.buffer.read()"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                close_fds=True,
             )
         return self._anchor.pid
 
@@ -313,6 +319,8 @@ class LibcUprobes:
         if self._anchor is not None:
             self._anchor.kill()
             self._anchor.wait()
+            if self._anchor.stdin is not None:
+                self._anchor.stdin.close()
             self._anchor = None
 
 
