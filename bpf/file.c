@@ -15,7 +15,8 @@
  *   The price: a compromised backend can bypass libc with a raw syscall (so can libc's
  *   own internal calls, such as fopen's open), and each hooked call costs the backend a
  *   trap into the kernel and back. A failed call returns -1 with the error in the
- *   thread's errno, which a uretprobe cannot read: `ret` is -1 there, not -errno.
+ *   thread's errno: libc_ret() reads it through the thread pointer where the kernel's
+ *   BTF and the process's GOT tell where it is, else `ret` stays -1.
  *
  * Filtered first by the zone_pids map so a non-zone process pays one hash lookup. Path
  * operations stash their arguments at entry and emit one record at exit with the result.
@@ -241,6 +242,35 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #define ARG5 ((long)PT_REGS_PARM5(ctx))
 #define PTR(x) ((const char *)(x))
 
+/* tgid -> errno's offset from the thread pointer (zonewatch/probes/tls.py reads it from the
+ * process's GOT); with the FS base's offset in task_struct (-DZW_TASK_FSBASE, from the
+ * kernel's BTF) a failed call reports -errno as the tracepoints do. Without them: -1. */
+BPF_HASH(errno_tls, u32, s64, ZW_MAX_ZONE_PIDS);
+
+/* A libc call's int result as the syscall gave it: -1 becomes -errno where errno is known. */
+static __always_inline long libc_ret(long ret)
+{
+#ifdef ZW_TASK_FSBASE
+	if (ret != -1)
+		return ret;
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	s64 *tpoff = errno_tls.lookup(&tgid);
+	if (!tpoff)
+		return ret;
+	u64 task = bpf_get_current_task();
+	u64 fsbase = 0;
+	if (bpf_probe_read_kernel(&fsbase, sizeof(fsbase), (void *)(task + ZW_TASK_FSBASE)) != 0 ||
+	    fsbase == 0)
+		return ret;
+	int err = 0;
+	if (bpf_probe_read_user(&err, sizeof(err), (void *)(fsbase + *tpoff)) != 0 || err <= 0)
+		return ret;
+	return -err;
+#else
+	return ret;
+#endif
+}
+
 /* open's mode is a variadic argument that libc passes to the kernel only when the flags
  * need one (glibc's __OPEN_NEEDS_MODE); otherwise the kernel, and the tracepoint, see 0. */
 static __always_inline u32 open_mode(long flags, long mode)
@@ -372,7 +402,7 @@ int zw_fsetxattr(struct pt_regs *ctx)  /* fsetxattr(fd, name, value, size, flags
 /* Return of every path operation above: each returns int. */
 int zw_path_ret(struct pt_regs *ctx)
 {
-	return path_exit((int)PT_REGS_RC(ctx));
+	return path_exit(libc_ret((int)PT_REGS_RC(ctx)));
 }
 
 /* ---- data: read/write/pread64/pwrite64/readv/writev/preadv/pwritev(2) take the fd first

@@ -102,14 +102,10 @@ def test_uprobes_make_the_records_tracepoints_make(
         FileOp.OPEN, FileOp.WRITE, FileOp.READ, FileOp.CLOSE, FileOp.MKDIR, FileOp.CHMOD,
         FileOp.RENAME, FileOp.UNLINK,
     }  # fmt: skip
-    # A failed call: the syscall's -errno at the tracepoint; the libc wrapper returns -1 and
-    # leaves the error in errno, out of a uretprobe's reach.
-    failed_tp = [r for r in by_tracepoint if r.path == b"nothere.txt"]
-    failed_up = [r for r in by_uprobe if r.path == b"nothere.txt"]
-    assert [r.ret for r in failed_tp] == [-2, -2]
-    assert [r.ret for r in failed_up] == [-1, -1]
-    for r in failed_up:
-        r.ret = -2
+    # A failed call: the syscall's -errno at the tracepoint; the libc wrapper returns -1
+    # and the uretprobe reads errno through the thread pointer (zonewatch/probes/tls.py).
+    failed = [r.ret for r in by_uprobe + by_tracepoint if r.path == b"nothere.txt"]
+    assert failed == [-2] * 4
     assert [comparable(r) for r in by_uprobe] == [comparable(r) for r in by_tracepoint]
     assert uprobes.lost()["file.ringbuf"] == 0
     assert uprobes.lost()["file.pending"] == 0
@@ -134,17 +130,19 @@ def test_by_default_file_data_is_seen_through_positional_io_only(
 def test_threads_started_after_hooking_are_covered(uprobes: FileProbe, tmp_path: Path) -> None:
     with StandIn(tmp_path) as standin:
         uprobes.set_zone_pids({standin.pid: ZONE_KEY})
-        standin.do("thread pcreate t.txt 10", "thread unlink t.txt")
-        records = drain_until(uprobes, lambda rs: any(r.op == FileOp.UNLINK for r in rs))
+        standin.do("thread pcreate t.txt 10", "thread unlink t.txt", "thread open-missing t.txt")
+        records = drain_until(uprobes, lambda rs: any(r.ret < 0 for r in rs))
         uprobes.set_zone_pids({})
     ops = [(r.op, r.path) for r in records]
     assert (FileOp.OPEN, b"t.txt") in ops
+    # errno is per thread (its own thread pointer): this thread's ENOENT.
+    assert [r.ret for r in records if r.ret < 0] == [-2]
     assert (FileOp.UNLINK, b"t.txt") in ops
     assert any(r.op == FileOp.CLOSE and r.bytes_written == 20 for r in records)
     assert {r.pid for r in records} == {standin.pid}
     # Each op ran in a thread of its own, made after the uprobes were attached.
     assert standin.pid not in {r.tid for r in records}
-    assert len({r.tid for r in records}) == 2
+    assert len({r.tid for r in records}) == 3
 
 
 def test_process_outside_the_filter_is_not_hooked(uprobes: FileProbe, tmp_path: Path) -> None:

@@ -3,14 +3,17 @@ libc, and the clean-up of trace events a killed agent left (no BPF needed here).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import struct
 from pathlib import Path
 
 import pytest
 
 from zonewatch.cli import build_parser
 from zonewatch.probes.file import FileProbe
+from zonewatch.probes.tls import btf_member_offset, errno_tls_offset
 from zonewatch.probes.uprobes import LIBC_HOOKS, STREAM_IO_HOOKS, libc_path, remove_stale_events
 
 FILE_C = Path(__file__).resolve().parents[2] / "bpf" / "file.c"
@@ -31,7 +34,9 @@ def test_unknown_hooks_are_refused() -> None:
 
 def test_every_hooked_program_is_in_the_uprobe_build_of_file_c() -> None:
     source = FILE_C.read_text()
-    uprobe_part = source[source.index("#ifdef ZW_FILE_UPROBES") : source.index("#else")]
+    uprobe_part = source[
+        source.index("#ifdef ZW_FILE_UPROBES") : source.index("#else /* syscall tracepoints */")
+    ]
     defined = set(re.findall(r"^int (zw_\w+)\(struct pt_regs \*ctx\)", uprobe_part, re.M))
     named = {h.entry for h in LIBC_HOOKS + STREAM_IO_HOOKS}
     named |= {h.ret for h in LIBC_HOOKS + STREAM_IO_HOOKS if h.ret is not None}
@@ -72,3 +77,37 @@ def test_doctor_says_whether_uprobe_mode_can_work(tmp_path: Path) -> None:
     assert check.ok and not check.essential
     assert not uprobe_check(tmp_path, {"CONFIG_KPROBES": "y"}).ok  # uprobe events not built
     assert not uprobe_check(None, {}).ok  # no tracefs
+
+
+def test_errno_is_found_through_the_thread_pointer() -> None:
+    """This process's own errno: the TLS offset read from its GOT, added to the thread
+    pointer, is where __errno_location() says errno is (and the thread pointer points at
+    itself, as glibc's TCB does)."""
+    libc = libc_path(os.getpid())
+    assert libc is not None
+    tpoff = errno_tls_offset(os.getpid(), libc)
+    assert tpoff is not None and tpoff < 0
+    lib = ctypes.CDLL(None)
+    lib.__errno_location.restype = ctypes.c_void_p
+    errno_addr = lib.__errno_location()
+    thread_pointer = errno_addr - tpoff
+    assert ctypes.c_uint64.from_address(thread_pointer).value == thread_pointer
+
+
+def test_btf_member_offsets_of_a_made_up_type() -> None:
+    strings = b"\0a\0x\0y\0b\0in\0"
+    # struct a { int x; struct b y; } with struct b { int in; } at byte 8: BTF ids 1, 2, 3.
+    types = b"".join(
+        [
+            struct.pack("<III", 0, 1 << 24, 4) + struct.pack("<I", 32),  # [1] INT
+            struct.pack("<III", 1, (4 << 24) | 2, 16)
+            + struct.pack("<III", 3, 1, 0)
+            + struct.pack("<III", 5, 3, 64),  # [2] struct a
+            struct.pack("<III", 7, (4 << 24) | 1, 4) + struct.pack("<III", 9, 1, 0),  # [3] b
+        ]
+    )
+    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
+    btf = header + types + strings
+    assert btf_member_offset(btf, (("a", "y"), ("b", "in"))) == 8
+    assert btf_member_offset(btf, (("a", "x"),)) == 0
+    assert btf_member_offset(btf, (("a", "z"),)) is None

@@ -12,6 +12,7 @@ uprobes      bpf/file.c built with -DZW_FILE_UPROBES: uprobes on the libc wrappe
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from zonewatch.probes.base import ZonePidFilter, sum_percpu
 from zonewatch.probes.loader import load_program, syscall_tracepoint_defines
 from zonewatch.probes.maps import MapReader, RecordRingReader
 from zonewatch.probes.records import DECODERS, LostSource, Record
+from zonewatch.probes.tls import task_fsbase_offset
 from zonewatch.probes.uprobes import LIBC_HOOKS, STREAM_IO_HOOKS, LibcUprobes
 
 log = logging.getLogger(__name__)
@@ -68,9 +70,11 @@ class FileProbe:
 
     def attach(self) -> None:
         if self.hooks == "uprobes":
-            self._bpf = load_program(
-                "file.c", ["-DZW_FILE_UPROBES=1", f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}"]
-            )
+            cflags = ["-DZW_FILE_UPROBES=1", f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}"]
+            fsbase = task_fsbase_offset() if os.uname().machine == "x86_64" else None
+            if fsbase is not None:  # failed calls report -errno (zonewatch/probes/tls.py)
+                cflags.append(f"-DZW_TASK_FSBASE={fsbase}")
+            self._bpf = load_program("file.c", cflags)
             self._uprobes = LibcUprobes(self._bpf, self._uprobe_hooks)
         else:
             self._bpf = load_program("file.c", self._tracepoint_cflags())

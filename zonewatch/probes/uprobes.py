@@ -11,6 +11,7 @@ threads created later included (the kernel filters uprobes by address space).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from zonewatch.probes.loader import import_bcc, tracefs
+from zonewatch.probes.tls import errno_tls_offset
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +294,17 @@ class LibcUprobes:
             self.unhooked[pid] = str(exc)
             return
         self._attached[pid] = fds
+        tpoff = errno_tls_offset(pid, path)
+        if tpoff is not None:
+            table = self._bpf[b"errno_tls"]
+            table[table.Key(pid)] = table.Leaf(tpoff)
         log.info("file uprobes: hooked pid %d (%d probes on %s)", pid, len(fds), path)
 
     def _detach(self, pid: int) -> None:
         fds = self._attached.pop(pid, [])
+        table = self._bpf[b"errno_tls"]
+        with contextlib.suppress(KeyError):
+            del table[table.Key(pid)]
         for fd in fds:
             os.close(fd)  # the trace event lives on (the anchor holds it): no grace period
         if fds:

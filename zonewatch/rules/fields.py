@@ -155,7 +155,7 @@ _TABLE: tuple[Field, ...] = (
     Field("file.new_host_path", S, "rename/link target on the host",
           {"file": "new_host_path"}),
     Field("file.ret", N, "the syscall's return value; negative errno on failure "
-          "(-1 with --file-hooks uprobes)", {"file": "ret"}),
+          "(-1 with --file-hooks uprobes on a kernel without BTF)", {"file": "ret"}),
     Field("file.flags", N, "open flags", {"file": "flags"}),
     Field("file.mode", N, "create/chmod mode", {"file": "mode"}),
     Field("file.bytes_read", N, "bytes read (close: the open period's total)",
