@@ -27,11 +27,13 @@ def free_port() -> int:
 class Agent(AgentProcess):
     """`zonewatch run` with the journal, gRPC (unix socket) and /metrics in `workdir`."""
 
-    def __init__(self, workdir: Path, tokens: Path, *args: str) -> None:
+    def __init__(
+        self, workdir: Path, tokens: Path, *args: str, journal: Path | None = None
+    ) -> None:
         self.socket = f"unix:{workdir}/zw.sock"
         self.metrics = f"127.0.0.1:{free_port()}"
         super().__init__(
-            workdir, "--journal", str(workdir / "journal"), "--tokens", str(tokens),
+            workdir, "--journal", str(journal or workdir / "journal"), "--tokens", str(tokens),
             "--grpc", self.socket, "--metrics", self.metrics, *args,
         )  # fmt: skip
         self.client = Client(open_channel(self.socket), ADMIN)

@@ -15,9 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.source import SourceProcess
 from tests.resilience.conftest import ADMIN
-from tests.resilience.support import free_port
+from tests.resilience.support import Agent, free_port
 from zonewatch.api.client import Client, open_channel
 from zonewatch.journal import decode
+from zonewatch.lab.microvm import MicroVmProcess
 
 COUNT = 600
 
@@ -126,3 +127,56 @@ def test_full_journal_disk_keeps_alerts_in_memory_and_flushes_when_space_returns
         seqs, other = receive(again.address, 0, COUNT)
         assert seqs == list(range(1, COUNT + 1))
         assert other == []
+
+
+def test_the_agent_on_a_full_journal_disk_raises_and_delivers_its_alerts(
+    tmp_path: Path, small_tmpfs: Path, tokens_file: Path
+) -> None:
+    """`zonewatch run` itself: micro-VMM zones appear while its journal's disk is full; their
+    audit alerts are numbered and streamed, the agent logs one error and keeps running, and
+    the alerts are on disk once space returns."""
+    journal = small_tmpfs / "journal"
+    journal.mkdir()
+    filler = small_tmpfs / "filler"
+    fill(filler)  # before the agent starts: a page the journal has is room a tmpfs still has
+    agent = Agent(tmp_path, tokens_file, "--no-stats", journal=journal)
+    zones: list[MicroVmProcess] = []
+    try:
+        last = agent_last_seq(agent)
+        stream = agent.client.subscribe(resume_after_seq=last, timeout=60)
+        zones = [MicroVmProcess(f"full-disk-{i}", rate=10).start() for i in range(3)]
+        alerts = []  # every zone's (other tests' zones may come and go on this host)
+        for msg in stream:
+            if msg.WhichOneof("msg") == "alert":
+                alerts.append(msg.alert)
+                if {z.config.name for z in zones} <= {a.zone.name for a in alerts}:
+                    break
+        stream.cancel()
+        seqs = [a.seq for a in alerts]
+        assert seqs == list(range(last + 1, last + 1 + len(seqs)))
+        assert not set(seqs) & set(journal_seqs(journal)), "the disk was supposed to be full"
+        errors = [x for x in agent.log.read_text().splitlines() if "cannot write" in x]
+        assert len(errors) == 1, agent.log.read_text()  # once, however many alerts wait
+        assert agent.scrape()["zonewatch_journal_backlog"] >= len(seqs)
+        os.unlink(filler)
+        wait_for(lambda: set(seqs) <= set(journal_seqs(journal)), 10, "the alerts on disk")
+        assert agent.proc.poll() is None
+    finally:
+        for z in zones:
+            z.close()
+        agent.stop()
+    assert agent.proc.returncode == 0
+    print(f"agent on a full disk: alerts {seqs} streamed, then on disk")
+
+
+def agent_last_seq(agent: Agent) -> int:
+    """The journal's newest seq (a heartbeat carries it), so a subscription sees only what
+    comes next."""
+    stream = agent.client.subscribe(timeout=30, heartbeat_ms=100)
+    try:
+        for msg in stream:
+            if msg.WhichOneof("msg") == "heartbeat":
+                return int(msg.heartbeat.last_seq)
+    finally:
+        stream.cancel()
+    raise AssertionError("no heartbeat")
