@@ -160,3 +160,17 @@ def test_process_outside_the_filter_is_not_hooked(uprobes: FileProbe, tmp_path: 
     assert records
     assert {r.pid for r in records} == {watched.pid}
     assert not any(b"noise" in r.path or b"after" in r.path for r in records)
+
+
+def test_a_pid_given_to_another_zone_is_hooked_anew(uprobes: FileProbe, tmp_path: Path) -> None:
+    """The inventory gives a reused pid a new zone key: its old perf events were bound to
+    the process that had the pid, so the probe unhooks it and hooks the pid again."""
+    with StandIn(tmp_path) as standin:
+        uprobes.set_zone_pids({standin.pid: ZONE_KEY})
+        uprobes.set_zone_pids({standin.pid: ZONE_KEY + 1})
+        assert uprobes.hooked_pids == {standin.pid}
+        standin.do("pcreate k.txt 1")
+        records = drain_until(uprobes, lambda rs: any(r.op == FileOp.CLOSE for r in rs))
+        uprobes.set_zone_pids({})
+    assert records
+    assert {r.zone_key for r in records} == {ZONE_KEY + 1}

@@ -21,7 +21,7 @@ import re
 import struct
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,7 @@ class LibcUprobes:
         self._events: dict[tuple[int, int], list[_Event]] = {}  # libc (dev, ino) -> events
         self._fns: dict[str, int] = {}  # program name -> loaded program fd
         self._attached: dict[int, list[int]] = {}  # pid -> its perf event fds
+        self._keys: dict[int, int] = {}  # pid -> zone key when hooked (or tried)
         self.unhooked: dict[int, str] = {}  # pid -> why it has no uprobes
         self._anchor: subprocess.Popen[bytes] | None = None
         remove_stale_events(self._tracefs)
@@ -213,14 +214,18 @@ class LibcUprobes:
     def pids(self) -> set[int]:
         return set(self._attached)
 
-    def sync(self, pids: Iterable[int]) -> None:
-        wanted = set(pids)
-        for pid in set(self._attached) - wanted:
+    def sync(self, pids: Mapping[int, int]) -> None:
+        """Hook exactly these processes (pid -> zone key). A pid whose zone key changed is
+        another process now (the inventory gives a reused pid a new zone): its perf events
+        were bound to the old one, so it is hooked anew."""
+        for pid in [p for p, key in self._keys.items() if pids.get(p) != key]:
             self._detach(pid)
-        for pid in set(self.unhooked) - wanted:
-            del self.unhooked[pid]
-        for pid in wanted - set(self._attached) - set(self.unhooked):
-            self._attach(pid)
+            self.unhooked.pop(pid, None)
+            del self._keys[pid]
+        for pid, key in pids.items():
+            if pid not in self._keys:
+                self._keys[pid] = key
+                self._attach(pid)
 
     def _fn(self, name: str) -> int:
         fd = self._fns.get(name)
@@ -322,6 +327,8 @@ class LibcUprobes:
         """Unhook every process and remove the trace events."""
         for pid in list(self._attached):
             self._detach(pid)
+        self._keys.clear()
+        self.unhooked.clear()
         for events in self._events.values():
             self._remove(events)
         self._events.clear()
