@@ -177,8 +177,8 @@ class _Event:
     program on it."""
 
     name: str
-    id: int
-    anchor_fd: int
+    id: int  # -1 until read from tracefs
+    anchor_fd: int  # -1 until opened
 
 
 class LibcUprobes:
@@ -261,13 +261,14 @@ class LibcUprobes:
                         continue
                     name = f"{kind}_{st.st_ino:x}_{site.offset:x}"
                     self._write_events(f"{kind}:{self._group}/{name} {path}:{site.offset:#x}")
-                    event_id = int(
+                    event = _Event(name, -1, -1)
+                    events.append(event)  # from here on removed again if anything fails
+                    event.id = int(
                         (self._tracefs / "events" / self._group / name / "id").read_text()
                     )
-                    anchor = perf_event_open_tracepoint(event_id, self._anchor_pid())
-                    events.append(_Event(name, event_id, anchor))
-                    _ioctl(anchor, PERF_EVENT_IOC_SET_BPF, self._fn(fn))
-                    _ioctl(anchor, PERF_EVENT_IOC_ENABLE)
+                    event.anchor_fd = perf_event_open_tracepoint(event.id, self._anchor_pid())
+                    _ioctl(event.anchor_fd, PERF_EVENT_IOC_SET_BPF, self._fn(fn))
+                    _ioctl(event.anchor_fd, PERF_EVENT_IOC_ENABLE)
         except OSError:
             self._remove(events)
             raise
@@ -317,7 +318,8 @@ class LibcUprobes:
 
     def _remove(self, events: list[_Event]) -> None:
         for event in events:
-            os.close(event.anchor_fd)  # the last user: the kernel waits a grace period here
+            if event.anchor_fd >= 0:
+                os.close(event.anchor_fd)  # the last user: the kernel waits a grace period here
             try:
                 self._write_events(f"-:{self._group}/{event.name}")
             except OSError as exc:
