@@ -1,12 +1,14 @@
 """Run every bench/bench_*.py (or those named), write bench/results.json, print a table.
 
-python -m bench            all benchmarks
-python -m bench kvm        bench_kvm.py only
+python -m bench              all benchmarks
+python -m bench kvm          bench_kvm.py only
+python -m bench --markdown   bench/results.json as a Markdown table (for the README)
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import pkgutil
 import sys
@@ -43,7 +45,19 @@ def table(results: dict[str, Metric]) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict[str, Metric]) -> str:
+    rows = ["| metric | value | unit | baseline | ratio |", "|---|---:|---|---:|---:|"]
+    for name, m in sorted(results.items()):
+        base = "" if m["baseline"] is None else f"{m['baseline']:.4g}"
+        ratio = "" if m["ratio"] is None else f"{m['ratio']:.3f}"
+        rows.append(f"| `{name}` | {m['value']:.4g} | {m['unit']} | {base} | {ratio} |")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str]) -> int:
+    if list(argv) == ["--markdown"]:
+        print(markdown(json.loads(RESULTS.read_text())))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     failed = []
     measured: dict[str, Metric] = {}
