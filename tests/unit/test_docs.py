@@ -16,7 +16,7 @@ from zonewatch.cli import build_parser
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 # Options of other programs the deployment guide mentions.
-FOREIGN = {"--now", "--system-site-packages"}
+FOREIGN = {"--now", "--system-site-packages", "--markdown"}  # systemctl, venv, python -m bench
 
 
 def all_options(parser: argparse.ArgumentParser) -> set[str]:
