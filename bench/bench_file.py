@@ -1,9 +1,9 @@
 """The agent's cost to zones' file work: file ops/s of a VMM's 9p backend with the file
 channel watching it, against nothing watching; bpftrace doing comparable counting as the peer.
 
-A C loop stands in for a zone's VMM serving 9p (compiled with gcc at bench time). It holds a
-directory fd on its "share" (a temp dir of 64 files of 4 KiB), as QEMU holds its fids, and on
-each `run SECONDS` command does file ops flat out and reports how many: one op is what a
+A C loop (bench/backend_loop.c, compiled with gcc at bench time) stands in for a zone's VMM
+serving 9p. It holds a directory fd on its "share" (a temp dir of 64 files of 4 KiB), as
+QEMU holds its fids, and here does file ops flat out and reports how many: one op is what a
 guest's read of a small file costs the backend, openat(dirfd, name, O_RDWR) + pread 4 KiB +
 close, and every 8th op also a pwrite of 64 bytes (Tlopen, Tread, Twrite, Tclunk). It is
 pinned to one core; this process (and bpftrace, its child) to the other.
@@ -66,63 +66,9 @@ ROUNDS = int(os.environ.get("ZW_BENCH_ROUNDS", "5"))
 WINDOW_S = float(os.environ.get("ZW_BENCH_SECONDS", "2"))
 ZONE_KEY = 7
 RECORDS_PER_OP = 3  # open, first read, close; plus one per write op
+BACKEND_LOOP = Path(__file__).with_name("backend_loop.c")
+WRITE_EVERY = 8  # every 8th op also a pwrite (Twrite)
 DRAIN_QUIET_S = 1.0  # after a window: records still coming in this long after the last
-
-BACKEND_LOOP = r"""
-#define _GNU_SOURCE
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-
-#define NFILES 64
-#define FILE_BYTES 4096
-#define WRITE_EVERY 8
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec / 1e9;
-}
-
-int main(int argc, char **argv) {
-    static char buf[FILE_BYTES];
-    char names[NFILES][16], line[64];
-    int dfd = open(argv[1], O_DIRECTORY | O_RDONLY);  /* the share's root fid */
-    if (dfd < 0) { perror("open share"); return 1; }
-    memset(buf, 'z', sizeof buf);
-    for (int i = 0; i < NFILES; i++) {
-        snprintf(names[i], sizeof names[i], "f%03d", i);
-        int fd = openat(dfd, names[i], O_CREAT | O_WRONLY | O_TRUNC, 0644);
-        if (fd < 0 || write(fd, buf, FILE_BYTES) != FILE_BYTES) { perror("create"); return 1; }
-        close(fd);
-    }
-    printf("ready\n");
-    fflush(stdout);
-    while (fgets(line, sizeof line, stdin)) {
-        double seconds = atof(line + 4);  /* "run S" */
-        long ops = 0, writes = 0;
-        double start = now(), end = start + seconds, t;
-        do {
-            for (int k = 0; k < 16; k++, ops++) {  /* 16 ops per clock read */
-                int fd = openat(dfd, names[ops % NFILES], O_RDWR);
-                if (fd < 0) { perror("openat"); return 1; }
-                if (pread(fd, buf, FILE_BYTES, 0) != FILE_BYTES) { perror("pread"); return 1; }
-                if (ops % WRITE_EVERY == 0) {
-                    if (pwrite(fd, buf, 64, 0) != 64) { perror("pwrite"); return 1; }
-                    writes++;
-                }
-                close(fd);
-            }
-        } while ((t = now()) < end);
-        printf("%ld %ld %.0f\n", ops, writes, (t - start) * 1e9);
-        fflush(stdout);
-    }
-    return 0;
-}
-"""
 
 
 @dataclass(slots=True)
@@ -156,7 +102,7 @@ class Backend:
         """One window; with a drainer, this process does the agent's work meanwhile."""
         assert self.proc.stdin is not None
         assert self.proc.stdout is not None
-        self.proc.stdin.write(f"run {seconds}\n")
+        self.proc.stdin.write(f"run {seconds} 0 {WRITE_EVERY}\n")  # flat out
         self.proc.stdin.flush()
         fd = self.proc.stdout.fileno()
         while drain is not None and not select.select([fd], [], [], 0)[0]:
@@ -255,9 +201,9 @@ def bpftrace_script(pid: int) -> str:
 
 
 def build_backend(tmp: Path) -> Path:
-    src, exe = tmp / "backend.c", tmp / "backend"
-    src.write_text(BACKEND_LOOP)
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True)
+    """bench/backend_loop.c compiled into `tmp`."""
+    exe = tmp / "backend_loop"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(BACKEND_LOOP)], check=True)
     return exe
 
 

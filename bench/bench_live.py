@@ -1,8 +1,9 @@
 """Live events/s the agent takes without loss, and where loss starts (root: real BPF).
 
-A C loop stands in for a zone's 9p backend (compiled with gcc at bench time): it holds a
-directory fd on its "share" and, told `run SECONDS RATE`, does file ops at RATE per second
-(paced every 16 ops by the clock): openat(dirfd, name, O_RDONLY) + pread 4 KiB + close.
+A C loop stands in for a zone's 9p backend (bench/backend_loop.c, as bench_file uses it):
+it holds a directory fd on its "share" and, told `run SECONDS RATE 0`, does file ops at
+RATE per second (paced every 16 ops by the clock): openat(dirfd, name, O_RDWR) + pread
+4 KiB + close, no writes.
 Each op makes three records in bpf/file.c (the open, the first read of the open period,
 the close with its totals). It is pinned to one core.
 
@@ -49,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import Metric, metric
+from bench.bench_file import build_backend
 from zonewatch.agent import Agent, AgentOptions
 from zonewatch.aggregate import Aggregator
 from zonewatch.delivery import Delivery
@@ -72,65 +74,6 @@ RECORDS_PER_OP = 3
 ZONE_KEY = 11
 QUIET_S = 1.0
 
-PACED_LOOP = r"""
-#define _GNU_SOURCE
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-
-#define NFILES 64
-#define FILE_BYTES 4096
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec / 1e9;
-}
-
-int main(int argc, char **argv) {
-    static char buf[FILE_BYTES];
-    char names[NFILES][16], line[96];
-    int dfd = open(argv[1], O_DIRECTORY | O_RDONLY);  /* the share's root fid */
-    if (dfd < 0) { perror("open share"); return 1; }
-    memset(buf, 'z', sizeof buf);
-    for (int i = 0; i < NFILES; i++) {
-        snprintf(names[i], sizeof names[i], "f%03d", i);
-        int fd = openat(dfd, names[i], O_CREAT | O_WRONLY | O_TRUNC, 0644);
-        if (fd < 0 || write(fd, buf, FILE_BYTES) != FILE_BYTES) { perror("create"); return 1; }
-        close(fd);
-    }
-    printf("ready\n");
-    fflush(stdout);
-    while (fgets(line, sizeof line, stdin)) {
-        double seconds, rate;
-        if (sscanf(line, "run %lf %lf", &seconds, &rate) != 2) return 2;
-        long ops = 0;
-        double start = now(), end = start + seconds, t;
-        while ((t = now()) < end) {
-            double due = start + ops / rate;  /* when op number `ops` is due */
-            if (t < due) {
-                double wait = due - t;
-                struct timespec ts = {(time_t)wait, (long)((wait - (time_t)wait) * 1e9)};
-                nanosleep(&ts, NULL);
-                continue;
-            }
-            for (int k = 0; k < 16; k++, ops++) {
-                int fd = openat(dfd, names[ops % NFILES], O_RDONLY);
-                if (fd < 0) { perror("openat"); return 1; }
-                if (pread(fd, buf, FILE_BYTES, 0) != FILE_BYTES) { perror("pread"); return 1; }
-                close(fd);
-            }
-        }
-        printf("%ld %.0f\n", ops, (now() - start) * 1e9);
-        fflush(stdout);
-    }
-    return 0;
-}
-"""
-
 
 class Loop:
     """The paced C loop, pinned to `core`."""
@@ -146,7 +89,7 @@ class Loop:
 
     def start(self, seconds: float, ops_per_s: float) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"run {seconds} {ops_per_s}\n")
+        self.proc.stdin.write(f"run {seconds} {ops_per_s} 0\n")  # paced, no writes
         self.proc.stdin.flush()
 
     def result(self) -> tuple[int, float]:
@@ -154,7 +97,7 @@ class Loop:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the paced loop exited ({self.proc.wait()})")
-        ops, ns = line.split()
+        ops, _writes, ns = line.split()
         return int(ops), float(ns) / 1e9
 
     def close(self) -> None:
@@ -255,10 +198,7 @@ def run() -> dict[str, Metric]:
         tmp = Path(tmp_name)
         share = tmp / "share"
         share.mkdir()
-        src, exe = tmp / "loop.c", tmp / "loop"
-        src.write_text(PACED_LOOP)
-        subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True)
-        loop = Loop(exe, share, loop_core)
+        loop = Loop(build_backend(tmp), share, loop_core)
         try:
             os.sched_setaffinity(0, {agent_core})  # the agent: one core
             with live_agent(share, loop.proc.pid, tmp) as (agent, probe):
