@@ -98,20 +98,29 @@ class Backend:
     def pid(self) -> int:
         return self.proc.pid
 
-    def run(self, seconds: float, drain: Drainer | None = None) -> Turn:
-        """One window; with a drainer, this process does the agent's work meanwhile."""
+    def start(self, seconds: float, ops_per_s: float = 0, write_every: int = WRITE_EVERY) -> None:
+        """Begin a window: ops_per_s 0 is flat out; write_every 0, no writes."""
         assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.write(f"run {seconds} 0 {WRITE_EVERY}\n")  # flat out
+        self.proc.stdin.write(f"run {seconds} {ops_per_s} {write_every}\n")
         self.proc.stdin.flush()
-        fd = self.proc.stdout.fileno()
-        while drain is not None and not select.select([fd], [], [], 0)[0]:
-            drain.poll(100)
+
+    def result(self) -> Turn:
+        """The window's count, once the loop reports it (blocks until then)."""
+        assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the backend loop exited ({self.proc.wait()})")
         ops, writes, ns = line.split()
         return Turn(int(ops), int(writes), float(ns) / 1e9)
+
+    def run(self, seconds: float, drain: Drainer | None = None) -> Turn:
+        """One flat-out window; with a drainer, this process does the agent's work meanwhile."""
+        assert self.proc.stdout is not None
+        self.start(seconds)
+        fd = self.proc.stdout.fileno()
+        while drain is not None and not select.select([fd], [], [], 0)[0]:
+            drain.poll(100)
+        return self.result()
 
     def close(self) -> None:
         if self.proc.stdin:

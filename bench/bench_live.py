@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import tempfile
 import threading
 import time
@@ -50,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import Metric, metric
-from bench.bench_file import build_backend
+from bench.bench_file import Backend, build_backend, lost_total
 from zonewatch.agent import Agent, AgentOptions
 from zonewatch.aggregate import Aggregator
 from zonewatch.delivery import Delivery
@@ -73,41 +72,6 @@ RULES = Path(__file__).resolve().parents[1] / "rules"
 RECORDS_PER_OP = 3
 ZONE_KEY = 11
 QUIET_S = 1.0
-
-
-class Loop:
-    """The paced C loop, pinned to `core`."""
-
-    def __init__(self, exe: Path, share: Path, core: int) -> None:
-        self.proc = subprocess.Popen(
-            [str(exe), str(share)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        os.sched_setaffinity(self.proc.pid, {core})
-        assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"the paced loop did not start (exit {self.proc.wait()})")
-
-    def start(self, seconds: float, ops_per_s: float) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"run {seconds} {ops_per_s} 0\n")  # paced, no writes
-        self.proc.stdin.flush()
-
-    def result(self) -> tuple[int, float]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the paced loop exited ({self.proc.wait()})")
-        ops, _writes, ns = line.split()
-        return int(ops), float(ns) / 1e9
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class OneZone:
@@ -138,19 +102,15 @@ class Step:
         return self.records / self.cpu_s if self.cpu_s else 0.0
 
 
-def lost_total(probe: FileProbe) -> int:
-    lost = probe.lost()
-    return lost.get("file.ringbuf", 0) + lost.get("file.pending", 0)
-
-
-def step(agent: Agent, probe: FileProbe, loop: Loop, records_per_s: int) -> Step:
+def step(agent: Agent, probe: FileProbe, loop: Backend, records_per_s: int) -> Step:
     stats = agent.attribution.stats
     before_records, before_lost = stats.records, lost_total(probe)
     cpu0, wall0 = time.thread_time(), time.monotonic()
-    loop.start(SECONDS, records_per_s / RECORDS_PER_OP)
+    loop.start(SECONDS, records_per_s / RECORDS_PER_OP, write_every=0)
     agent.options.duration = SECONDS
     agent._loop(threading.Event())  # the agent's own loop: epoll, drain, rules, stats, loss
-    ops, seconds = loop.result()
+    turn = loop.result()
+    ops, seconds = turn.ops, turn.seconds
     expected = RECORDS_PER_OP * ops
     quiet_until = time.monotonic() + QUIET_S
     while stats.records - before_records < expected and time.monotonic() < quiet_until:
@@ -198,7 +158,7 @@ def run() -> dict[str, Metric]:
         tmp = Path(tmp_name)
         share = tmp / "share"
         share.mkdir()
-        loop = Loop(build_backend(tmp), share, loop_core)
+        loop = Backend(build_backend(tmp), share, loop_core)
         try:
             os.sched_setaffinity(0, {agent_core})  # the agent: one core
             with live_agent(share, loop.proc.pid, tmp) as (agent, probe):
