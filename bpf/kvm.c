@@ -24,11 +24,12 @@
  *
  * Each probe is compiled only when its tracepoint exists (-DZW_TP_<name>, set by the
  * loader), so one source serves every kernel; kvm_exit and kvm_entry never fire on hosts
- * that emulate the guest (nested PVM), and tests replay recorded ones instead. The two
- * hottest events there, kvm_emulate_insn and kvm_fpu, attach as raw tracepoints when the
- * loader found their formats as expected (-DZW_RAW_<name>): their arguments are plain
- * integers (TP_PROTO(vcpu, failed), TP_PROTO(load)), and a raw tracepoint skips filling a
- * trace record for every guest instruction.
+ * that emulate the guest (nested PVM), and tests replay recorded ones instead. The events
+ * that fire per exit or per emulated instruction (userspace_exit, pio, mmio, fast_mmio,
+ * msr, emulate_insn, fpu) attach as raw tracepoints when the loader found their formats as
+ * expected (-DZW_RAW_<name>): the arguments read are plain integers of TP_PROTO, and a raw
+ * tracepoint skips filling a trace record at every firing. kvm_exit and kvm_entry take
+ * the vcpu struct, so they stay classic.
  */
 #include "zonewatch.h"
 
@@ -299,15 +300,14 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 
 /* ---- returns to the VMM ---- */
 #ifdef ZW_TP_kvm_userspace_exit
-TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
+static __always_inline int on_userspace_exit(u32 reason, int err)
 {
 	struct zw_vcpu_state *st = zone_thread(bpf_get_current_pid_tgid());
 	if (!st)
 		return 0;
-	int err = args->errno;
 	struct zw_kvm_uexit_key key = {
 		.zone_key = st->zone_key,
-		.reason = args->reason,
+		.reason = reason,
 		.err = err < 0 ? -err : 0,
 	};
 	u64 zero = 0;
@@ -315,6 +315,18 @@ TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
 	st->uexit_ts = bpf_ktime_get_ns();
 	return 0;
 }
+
+#ifdef ZW_RAW_kvm_userspace_exit
+RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
+{
+	return on_userspace_exit(ctx->args[0], (int)ctx->args[1]);  /* TP_PROTO(__u32 reason, int errno) */
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
+{
+	return on_userspace_exit(args->reason, args->errno);
+}
+#endif
 #endif
 
 static __always_inline int on_fpu(u64 load)
@@ -341,54 +353,76 @@ TRACEPOINT_PROBE(kvm, kvm_fpu)
 
 /* ---- device I/O ---- */
 #ifdef ZW_TP_kvm_pio
-TRACEPOINT_PROBE(kvm, kvm_pio)
+static __always_inline int on_pio(u32 rw, u32 port, u32 size, u32 count)
 {
 	struct zw_vcpu_state *st = zone_thread(bpf_get_current_pid_tgid());
 	if (!st)
 		return 0;
 	struct zw_kvm_pio_key key = {
 		.zone_key = st->zone_key,
-		.port = (u16)args->port,
-		.dir = args->rw ? 1 : 0,
+		.port = (u16)port,
+		.dir = rw ? 1 : 0,
 	};
 	struct zw_sum zero = {};
-	bump_sum(pio.lookup_or_try_init(&key, &zero), (u64)args->size * args->count);
+	bump_sum(pio.lookup_or_try_init(&key, &zero), (u64)size * count);
 	return 0;
 }
+
+#ifdef ZW_RAW_kvm_pio
+/* TP_PROTO(unsigned int rw, unsigned int port, unsigned int size, unsigned int count, ...) */
+RAW_TRACEPOINT_PROBE(kvm_pio)
+{
+	return on_pio(ctx->args[0], ctx->args[1], ctx->args[2], ctx->args[3]);
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_pio)
+{
+	return on_pio(args->rw, args->port, args->size, args->count);
+}
+#endif
 #endif
 
-#ifdef ZW_TP_kvm_mmio
-TRACEPOINT_PROBE(kvm, kvm_mmio)
+static __always_inline int on_mmio(u32 access, u32 len, u64 gpa)
 {
 	struct zw_vcpu_state *st = zone_thread(bpf_get_current_pid_tgid());
 	if (!st)
 		return 0;
 	struct zw_kvm_mmio_key key = {
 		.zone_key = st->zone_key,
-		.access = args->type,
-		.page = args->gpa & ~0xfffULL,
+		.access = access,
+		.page = gpa & ~0xfffULL,
 	};
 	struct zw_sum zero = {};
-	bump_sum(mmio.lookup_or_try_init(&key, &zero), args->len);
+	bump_sum(mmio.lookup_or_try_init(&key, &zero), len);
 	return 0;
 }
+
+#ifdef ZW_TP_kvm_mmio
+#ifdef ZW_RAW_kvm_mmio
+RAW_TRACEPOINT_PROBE(kvm_mmio)
+{
+	return on_mmio(ctx->args[0], ctx->args[1], ctx->args[2]);  /* TP_PROTO(int type, int len, u64 gpa, ...) */
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_mmio)
+{
+	return on_mmio(args->type, args->len, args->gpa);
+}
+#endif
 #endif
 
 #ifdef ZW_TP_kvm_fast_mmio
+#ifdef ZW_RAW_kvm_fast_mmio
+RAW_TRACEPOINT_PROBE(kvm_fast_mmio)
+{
+	return on_mmio(ZW_KVM_MMIO_FAST_WRITE, 0, ctx->args[0]);  /* TP_PROTO(u64 gpa) */
+}
+#else
 TRACEPOINT_PROBE(kvm, kvm_fast_mmio)
 {
-	struct zw_vcpu_state *st = zone_thread(bpf_get_current_pid_tgid());
-	if (!st)
-		return 0;
-	struct zw_kvm_mmio_key key = {
-		.zone_key = st->zone_key,
-		.access = ZW_KVM_MMIO_FAST_WRITE,
-		.page = args->gpa & ~0xfffULL,
-	};
-	struct zw_sum zero = {};
-	bump_sum(mmio.lookup_or_try_init(&key, &zero), 0);
-	return 0;
+	return on_mmio(ZW_KVM_MMIO_FAST_WRITE, 0, args->gpa);
 }
+#endif
 #endif
 
 /* ---- instructions the hypervisor handles for the guest ---- */
@@ -434,16 +468,14 @@ static __always_inline int msr_is_routine(u32 msr)
 	return (msr >= 0x800 && msr <= 0x8ff) || msr == 0x6e0;
 }
 
-TRACEPOINT_PROBE(kvm, kvm_msr)
+static __always_inline int on_msr(u32 write, u32 msr, u64 data, u32 exception)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	struct zw_vcpu_state *st = zone_thread(id);
 	if (!st)
 		return 0;
 	u32 zone_key = st->zone_key;
-	u32 msr = args->ecx;
-	int write = args->write != 0;
-	int fault = args->exception != 0;
+	int fault = exception != 0;
 	u32 kind = write ? (fault ? ZW_KVM_CTR_MSR_WRITE_GP : ZW_KVM_CTR_MSR_WRITE)
 			 : (fault ? ZW_KVM_CTR_MSR_READ_GP : ZW_KVM_CTR_MSR_READ);
 	count_ctr(zone_key, kind, msr, 1);
@@ -452,11 +484,24 @@ TRACEPOINT_PROBE(kvm, kvm_msr)
 	struct zw_kvm_event *e = sample_begin(id, zone_key, ZW_KVM_MSR_WRITE, msr);
 	if (!e)
 		return 0;
-	e->args[0] = args->data;
+	e->args[0] = data;
 	e->flags = fault ? ZW_KVM_F_FAULT : 0;
 	sample_send(e);
 	return 0;
 }
+
+#ifdef ZW_RAW_kvm_msr
+RAW_TRACEPOINT_PROBE(kvm_msr)
+{
+	/* TP_PROTO(unsigned write, u32 ecx, u64 data, bool exception) */
+	return on_msr(ctx->args[0] != 0, ctx->args[1], ctx->args[2], (u8)ctx->args[3]);
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_msr)
+{
+	return on_msr(args->write != 0, args->ecx, args->data, args->exception);
+}
+#endif
 #endif
 
 /* ---- hypercalls ---- */

@@ -40,11 +40,20 @@ STRANGER_PORT, STRANGER_MMIO = 0x3F8, 0xE0000000
 WINDOW_S = 3.0
 
 
-@pytest.fixture(scope="module")
-def probe() -> Iterator[KvmProbe]:
-    p = KvmProbe()
+# The tracepoints that fire per exit attach raw where their formats are the expected ones
+# (this kernel's are); the classic attachment is the fallback for other kernels. Both run.
+PER_EXIT = {"kvm_userspace_exit", "kvm_pio", "kvm_mmio", "kvm_fast_mmio", "kvm_msr"}
+
+
+@pytest.fixture(scope="module", params=["raw", "classic"])
+def probe(request: pytest.FixtureRequest) -> Iterator[KvmProbe]:
+    p = KvmProbe(raw=request.param == "raw")
     p.attach()
     try:
+        if request.param == "raw":
+            assert PER_EXIT & set(p.attached) <= set(p.raw)
+        else:
+            assert p.raw == []
         yield p
     finally:
         p.detach()

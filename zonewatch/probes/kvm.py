@@ -68,10 +68,19 @@ LEAN_TRACEPOINTS = tuple(tp for tp in KVM_TRACEPOINTS if tp not in DETAIL_TRACEP
 COUNTER_MAPS = ("exits", "uexits", "pio", "mmio", "counters", "hist")
 
 # Tracepoints attached raw when their format is exactly this (so TP_PROTO is the one
-# bpf/kvm.c reads its arguments from): the hottest ones on hosts that emulate guests.
+# bpf/kvm.c reads its arguments from): the ones that fire per exit. A raw tracepoint
+# hands the program the call's arguments; a classic one first copies them into a trace
+# record at every firing.
+# kvm_mmio's `val` was a u64 before 4.19 and a pointer since; bpf/kvm.c reads only the
+# arguments before it, the same in both.
 RAW_FORMATS: dict[str, set[str]] = {
     "kvm_fpu": {"load"},
     "kvm_emulate_insn": {"rip", "csbase", "len", "insn", "flags", "failed"},
+    "kvm_userspace_exit": {"reason", "errno"},
+    "kvm_pio": {"rw", "port", "size", "count", "val"},
+    "kvm_mmio": {"type", "len", "gpa", "val"},
+    "kvm_fast_mmio": {"gpa"},
+    "kvm_msr": {"write", "ecx", "data", "exception"},
 }
 
 
@@ -94,12 +103,15 @@ class KvmProbe:
         max_counters: int = 16384,
         max_vcpu_threads: int = 8192,
         tracepoints: Sequence[str] = KVM_TRACEPOINTS,
+        raw: bool = True,
     ) -> None:
+        """`raw=False` attaches every tracepoint classic (the fallback path, for tests)."""
         self._ringbuf_pages = ringbuf_pages
         self._samples_per_sec = samples_per_sec
         self._max_counters = max_counters
         self._max_vcpu_threads = max_vcpu_threads
         self._tracepoints = tuple(tracepoints)
+        self._raw_allowed = raw
         self._bpf: Any = None
         self._pids: ZonePidFilter | None = None
         self._tids: ZonePidFilter | None = None
@@ -121,7 +133,7 @@ class KvmProbe:
         self.raw = [
             tp
             for tp, fields in RAW_FORMATS.items()
-            if tp in self.attached and tracepoint_fields("kvm", tp) == fields
+            if self._raw_allowed and tp in self.attached and tracepoint_fields("kvm", tp) == fields
         ]
         cflags += [f"-DZW_RAW_{tp}=1" for tp in self.raw]
         cflags += [
