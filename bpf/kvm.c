@@ -1,9 +1,10 @@
 /* zonewatch kvm channel: what each zone asks of the hypervisor, counted in the kernel.
  *
  * kvm:* tracepoints fire in the context of the vCPU thread that caused them, so a zone is
- * found by that thread. Whatever the event, a thread of no zone pays one failed lookup and
- * nothing else: its tgid in zone_pids on the per-exit events, its tid in `vcpus` on the
- * hot ones (see zone_thread and known_thread). A zone's thread gets a state entry
+ * found by that thread. A zone's vCPU thread pays one lookup (its state in `vcpus`, by
+ * tid) to be recognised; a thread of no zone two failed ones on the per-exit events (tid,
+ * then tgid in zone_pids) and one on the hot ones (see zone_thread and known_thread).
+ * A zone's thread gets a state entry
  * (`vcpus`, by tid) at its first exit, with the zone of its tid in zone_tids (the
  * inventory's vCPU threads) or else of its process.
  *
@@ -123,19 +124,22 @@ static __always_inline void count_ctr(u32 zone_key, u32 kind, u64 code, u64 n)
 }
 
 /* The calling thread's state if it belongs to a zone, created on its first such event.
- * The zone filter comes first: any thread pays one lookup (its tgid) and a thread of no
- * zone nothing more. A zone's thread then finds its state; a new one takes its zone from
- * the inventory's vCPU tids, or else from its process. */
+ * Only VMM threads fire kvm events and on a watched host nearly all VMMs are zones, so the
+ * thread's own state comes first: a zone's vCPU thread pays one lookup per event. Any
+ * other thread pays a second, its tgid in zone_pids, and a thread of no zone nothing more.
+ * A new zone thread takes its zone from the inventory's vCPU tids, or else its process.
+ * (A thread whose zone left the inventory keeps counting to it until user space purges
+ * the zone's states, at the next collect.) */
 static __always_inline struct zw_vcpu_state *zone_thread(u64 id)
 {
-	u32 tgid = id >> 32;
-	u32 *process_zone = zone_pids.lookup(&tgid);
-	if (!process_zone)
-		return 0;
 	u32 tid = (u32)id;
 	struct zw_vcpu_state *st = vcpus.lookup(&tid);
 	if (st)
 		return st;
+	u32 tgid = id >> 32;
+	u32 *process_zone = zone_pids.lookup(&tgid);
+	if (!process_zone)
+		return 0;
 	u32 *thread_zone = zone_tids.lookup(&tid);
 	u32 zone_key = thread_zone ? *thread_zone : *process_zone;
 	int zero = 0;
