@@ -18,7 +18,7 @@ fresh process's rate varied by +-8% on the project's machines, more than what is
 The vCPU thread is pinned to one core and everything else (the VMM's main thread, this
 process, bpftrace) to the other, so the measured core runs the vCPU alone.
 
-Environment: ZW_BENCH_ROUNDS (default 6), ZW_BENCH_SECONDS (default 4).
+Environment: ZW_BENCH_ROUNDS (default 12), ZW_BENCH_SECONDS (default 4).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from zonewatch.probes.sched import SchedProbe
 
 log = logging.getLogger(__name__)
 
-ROUNDS = int(os.environ.get("ZW_BENCH_ROUNDS", "6"))
+ROUNDS = int(os.environ.get("ZW_BENCH_ROUNDS", "12"))
 WINDOW_S = float(os.environ.get("ZW_BENCH_SECONDS", "4"))
 CONDITIONS = ("none", "agent", "detail", "nonzone", "bpftrace")
 ZONE_KEY = 1

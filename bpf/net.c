@@ -4,10 +4,10 @@
  * the guest sent) and zw_net_zone_rx on its tc egress (frames sent to the guest). Both only
  * observe: they always return TC_ACT_OK.
  *
- * The tap's ifindex names the zone (zone_ifs, filled by user space); any other device
- * costs one hash lookup. Every frame is guest-controlled: headers are read with
- * bpf_skb_load_bytes at offsets checked against the frame and the IP lengths, and whatever
- * contradicts itself is counted per zone (malformed, truncated, fragments, other) and
+ * The tap's ifindex names the zone and its slot in the per-CPU `counters` array (zone_ifs,
+ * filled by user space): one hash lookup per frame, and any other device costs only that.
+ * Every frame is guest-controlled: headers are read (load_hdr) at offsets checked against
+ * the frame and the IP lengths, and whatever contradicts itself is counted per zone (malformed, truncated, fragments, other) and
  * not parsed further, so it can neither crash nor skew another zone's counts.
  */
 #include <uapi/linux/if_ether.h>
@@ -28,6 +28,8 @@
 #ifndef ZW_RINGBUF_PAGES
 #define ZW_RINGBUF_PAGES 64
 #endif
+/* Headers starting below this offset are read in place when the linear part holds them. */
+#define ZW_DIRECT_MAX 256
 /* IPv6 extension headers walked before giving up (counted as `other`). */
 #define ZW_IPV6_EXT_MAX 6
 
@@ -41,9 +43,10 @@
 #define ZW_DNS_PORT 53
 #define ZW_DNS_HDR_LEN 12
 
-BPF_HASH(zone_ifs, u32, u32, ZW_MAX_ZONE_IFS);  /* tap ifindex -> zone key */
+BPF_HASH(zone_ifs, u32, struct zw_net_if, ZW_MAX_ZONE_IFS);  /* tap ifindex -> */
 BPF_TABLE("lru_hash", struct zw_flow_key, struct zw_flow_stats, flows, ZW_MAX_FLOWS);
-BPF_PERCPU_HASH(counters, u32, struct zw_net_counters, ZW_MAX_ZONE_IFS);  /* zone key -> */
+/* An array, not a hash keyed by zone: the kernel inlines its lookup (no call, no hash). */
+BPF_PERCPU_ARRAY(counters, struct zw_net_counters, ZW_MAX_ZONE_IFS);  /* slot -> */
 BPF_PERCPU_ARRAY(scratch, struct zw_net_event, 1);
 BPF_PERCPU_ARRAY(lost, u64, ZW_CLOST_NSOURCES);
 BPF_RINGBUF_OUTPUT(events, ZW_RINGBUF_PAGES);
@@ -53,6 +56,25 @@ static __always_inline void count_lost(int source)
 	u64 *n = lost.lookup(&source);
 	if (n)
 		(*n)++;
+}
+
+/* A header's bytes at `off`: read in place when the frame's linear part holds them (the
+ * usual case: a tap's frames arrive linear), else copied by bpf_skb_load_bytes. `len` is
+ * a constant at every call. Returns 0, or < 0 past the end of the frame. */
+static __always_inline int load_hdr(struct __sk_buff *skb, u32 off, void *to, u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	/* The bound gives the verifier a range for the packet pointer; deeper headers (long
+	 * IPv6 extension chains) take the helper. */
+	if (off < ZW_DIRECT_MAX) {
+		u8 *at = data + off;
+		if ((void *)(at + len) <= end) {
+			__builtin_memcpy(to, at, len);
+			return 0;
+		}
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
 }
 
 /* Where parsing got to: the L4 header's offset and the bytes the IP header says follow. */
@@ -99,7 +121,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, u32 off, struct zw_
 				      struct parsed *p)
 {
 	struct iphdr ip;
-	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
+	if (load_hdr(skb, off, &ip, sizeof(ip)) < 0)
 		return ZW_TRUNCATED;
 	if (ip.version != 4 || ip.ihl < 5)
 		return ZW_MALFORMED;
@@ -125,7 +147,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, u32 off, struct zw_
 				      struct parsed *p)
 {
 	struct ipv6hdr ip6;
-	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
+	if (load_hdr(skb, off, &ip6, sizeof(ip6)) < 0)
 		return ZW_TRUNCATED;
 	if (ip6.version != 6)
 		return ZW_MALFORMED;
@@ -146,7 +168,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, u32 off, struct zw_
 		u8 ext[2];
 		if (l4 + sizeof(ext) > end)
 			return ZW_MALFORMED;
-		if (bpf_skb_load_bytes(skb, l4, ext, sizeof(ext)) < 0)
+		if (load_hdr(skb, l4, ext, sizeof(ext)) < 0)
 			return ZW_TRUNCATED;
 		nh = ext[0];
 		/* AH counts its length in 4-byte units minus 2, the others in 8-byte units
@@ -186,30 +208,26 @@ static __always_inline void bump(struct zw_net_counters *c, int verdict)
 static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 {
 	u32 ifindex = skb->ifindex;
-	u32 *zone = zone_ifs.lookup(&ifindex);
-	if (!zone)
+	struct zw_net_if *tap = zone_ifs.lookup(&ifindex);
+	if (!tap)
 		return TC_ACT_OK;
-	u32 zone_key = *zone;
+	u32 zone_key = tap->zone_key;
+	u32 slot = tap->slot;
 	u32 d = dir - 1;  /* index of the [2] arrays */
 	if (d > 1)
 		return TC_ACT_OK;
 
-	struct zw_net_counters *c = counters.lookup(&zone_key);
-	if (!c) {
-		struct zw_net_counters fresh = {};
-		counters.insert(&zone_key, &fresh);
-		c = counters.lookup(&zone_key);
-		if (!c) {
-			count_lost(ZW_CLOST_MAP_FULL);
-			return TC_ACT_OK;
-		}
+	struct zw_net_counters *c = counters.lookup(&slot);
+	if (!c) {  /* a slot past the array: user space never hands one out */
+		count_lost(ZW_CLOST_MAP_FULL);
+		return TC_ACT_OK;
 	}
 	/* Per-CPU: no other CPU writes this copy. */
 	c->bytes[d] += skb->len;
 	c->packets[d]++;
 
 	u16 eth_proto;
-	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &eth_proto, 2) < 0) {
+	if (load_hdr(skb, offsetof(struct ethhdr, h_proto), &eth_proto, 2) < 0) {
 		c->truncated++;
 		return TC_ACT_OK;
 	}
@@ -239,7 +257,7 @@ static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 			c->truncated++;
 			return TC_ACT_OK;
 		}
-		if (bpf_skb_load_bytes(skb, p.l4_off, &tcp, sizeof(tcp)) < 0) {
+		if (load_hdr(skb, p.l4_off, &tcp, sizeof(tcp)) < 0) {
 			c->truncated++;
 			return TC_ACT_OK;
 		}
@@ -258,7 +276,7 @@ static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 			c->truncated++;
 			return TC_ACT_OK;
 		}
-		if (bpf_skb_load_bytes(skb, p.l4_off, &udp, sizeof(udp)) < 0) {
+		if (load_hdr(skb, p.l4_off, &udp, sizeof(udp)) < 0) {
 			c->truncated++;
 			return TC_ACT_OK;
 		}
@@ -273,7 +291,7 @@ static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 		if (dst_port == ZW_DNS_PORT && payload >= ZW_DNS_HDR_LEN) {
 			u8 flags;
 			/* QR (the top bit of byte 2) clear: a query, not an answer. */
-			if (bpf_skb_load_bytes(skb, p.l4_off + sizeof(udp) + 2, &flags, 1) == 0 &&
+			if (load_hdr(skb, p.l4_off + sizeof(udp) + 2, &flags, 1) == 0 &&
 			    !(flags & 0x80)) {
 				dns_off = p.l4_off + sizeof(udp);
 				dns_len = payload;
@@ -285,7 +303,7 @@ static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 			c->truncated++;
 			return TC_ACT_OK;
 		}
-		if (bpf_skb_load_bytes(skb, p.l4_off, icmp, sizeof(icmp)) < 0) {
+		if (load_hdr(skb, p.l4_off, icmp, sizeof(icmp)) < 0) {
 			c->truncated++;
 			return TC_ACT_OK;
 		}

@@ -280,7 +280,14 @@ struct zw_flow_stats {
 	__u64 state;        /* ZW_FLOW_* bits */
 };
 
-/* A zone's packet counters (per-CPU map keyed by zone key); [0]/[1] as in zw_flow_stats. */
+/* A watched tap (zone_ifs, by ifindex): its zone, and the zone's slot in `counters`. */
+struct zw_net_if {
+	__u32 zone_key;
+	__u32 slot;
+};
+
+/* A zone's packet counters (per-CPU array, at the zone's slot); [0]/[1] as in
+ * zw_flow_stats. */
 struct zw_net_counters {
 	__u64 bytes[2];     /* frame bytes, L2 header included */
 	__u64 packets[2];

@@ -367,3 +367,32 @@ def test_filters_follow_the_taps_and_leave_others_alone(probe: NetProbe) -> None
 
         probe.set_taps({})
         assert our_filters(ipr, index) == ["other_tool"]
+
+
+def test_a_gone_zones_counters_are_reported_once_and_its_slot_starts_over(
+    probe: NetProbe,
+) -> None:
+    """Zone counters live in a per-CPU array, one slot per zone: a zone that leaves is
+    reported by the next collect, then its slot goes to a later zone, zeroed first."""
+
+    def zone(key: int, tap: str) -> Zone:
+        return Zone(id=f"z{key}", key=key, name=f"z{key}", tenant="t", vmm=Vmm.QEMU,
+                    pid=0, start_time=0, taps=(tap,))  # fmt: skip
+
+    with TapFd("zwnt5") as tap:
+        tap.configure("10.214.5.1", 30, guest_ip="10.214.5.2")
+        net = Net(tap, 5)
+        try:
+            probe.set_zones([zone(65, "zwnt5")])
+            for _ in range(3):
+                net.send(net.v4(socket.IPPROTO_UDP, udp(40000, 9, b"x" * 100)))
+            assert wait_counts(probe, 65, lambda z: z.tx_packets == 3).tx_packets == 3
+            probe.set_zones([zone(66, "zwnt5")])  # the same tap, now another zone's
+            assert probe.collect().zone(65).tx_packets == 3  # reported once more...
+            assert 65 not in probe.collect().zones  # ...then gone, its slot free
+            probe.set_zones([zone(67, "zwnt5")])  # 67 takes 65's slot
+            assert probe.collect().zone(67).tx_packets == 0  # zeroed before reuse
+            net.send(net.v4(socket.IPPROTO_UDP, udp(40000, 9, b"x" * 100)))
+            assert wait_counts(probe, 67, lambda z: z.tx_packets == 1).tx_packets == 1
+        finally:
+            probe.set_zones([])

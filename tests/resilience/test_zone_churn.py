@@ -77,7 +77,7 @@ def map_entries(pid: int) -> dict[str, int]:
     return {name: len(dump(i)) for name, i in agent_maps(pid).items()}
 
 
-ZONE_VALUED = ("zone_pids", "zone_tids", "zone_ifs")  # id -> zone key
+ZONE_VALUED = ("zone_pids", "zone_tids")  # id -> zone key (zone_ifs' struct: see walk)
 PID_KEYED = ("zone_pids", "spawned", "exit_status")  # tgid -> ...
 ZONE_KEYED = ("budget", "counters")  # zone key -> (kvm's counters has a struct key instead)
 
@@ -86,7 +86,7 @@ def mentions(map_name: str, entry: Any, keys: set[int], pids: set[int]) -> bool:
     """Whether a map entry belongs to one of the zones (by key) or their processes."""
     base = map_name.split("#", maxsplit=1)[0]
     key, value = entry["key"], entry.get("value", entry.get("values"))  # per-CPU: values
-    if base in ZONE_VALUED and value in keys:
+    if base in ZONE_VALUED and isinstance(value, int) and value in keys:
         return True
     if base in PID_KEYED and key in pids:
         return True

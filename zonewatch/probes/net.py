@@ -512,6 +512,44 @@ class ZoneAddresses:
 
 # ---- the probe --------------------------------------------------------------------------
 
+# Zones with a slot in bpf/net.c's `counters` array at once (ZW_MAX_ZONE_IFS).
+MAX_ZONES = 4096
+
+
+class CounterSlots:
+    """Which zone owns which index of the per-CPU `counters` array.
+
+    A zone keeps its slot while any of its taps comes and goes (its counters live on), and
+    gives it back once collect() has reported it gone; a slot is zeroed before reuse."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._by_zone: dict[int, int] = {}
+        self._free: list[int] = []
+        self._next = 0
+
+    def get(self, zone_key: int) -> int | None:
+        return self._by_zone.get(zone_key)
+
+    def items(self) -> list[tuple[int, int]]:
+        return list(self._by_zone.items())
+
+    def assign(self, zone_key: int) -> int | None:
+        """A free slot for the zone, or None when all are taken."""
+        if self._free:
+            slot = self._free.pop()
+        elif self._next < self._capacity:
+            slot, self._next = self._next, self._next + 1
+        else:
+            return None
+        self._by_zone[zone_key] = slot
+        return slot
+
+    def release(self, zone_key: int) -> None:
+        slot = self._by_zone.pop(zone_key, None)
+        if slot is not None:
+            self._free.append(slot)
+
 
 class NetProbe:
     """Loads bpf/net.c and keeps its tc filters on the zones' taps."""
@@ -538,6 +576,7 @@ class NetProbe:
         self._maps = MapReader()
         self._wanted: dict[str, int] = {}  # tap name -> zone key, as the inventory says
         self._attached: dict[int, tuple[str, int]] = {}  # ifindex -> (tap, zone key)
+        self._slots = CounterSlots(MAX_ZONES)  # zone key -> its index in `counters`
         self._zone_keys: set[int] = set()
         self._retired: set[int] = set()  # zones gone since the last collect()
         self._ended_zones: set[int] = set()  # zones gone whose flows the next sweep ends
@@ -560,6 +599,7 @@ class NetProbe:
         cflags = [
             f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}",
             f"-DZW_MAX_FLOWS={self._max_flows}",
+            f"-DZW_MAX_ZONE_IFS={MAX_ZONES}",
         ]
         self._bpf = load_program("net.c", cflags)
         try:
@@ -627,7 +667,16 @@ class NetProbe:
                 known = self._attached.get(index)
                 if known == (name, key):
                     continue
-                zone_ifs[zone_ifs.Key(index)] = zone_ifs.Leaf(key)
+                slot = self._slots.get(key)
+                if slot is None:
+                    slot = self._slots.assign(key)
+                    if slot is None:
+                        self.attach_errors += 1
+                        log.warning("net probe: cannot watch %s: %d zones watched already",
+                                    name, MAX_ZONES)  # fmt: skip
+                        continue
+                    del self._bpf[b"counters"][slot]  # zeroes it (an array keeps its entries)
+                zone_ifs[zone_ifs.Key(index)] = zone_ifs.Leaf(key, slot)
                 if known is None:
                     try:
                         self._tc.add(ipr, index)
@@ -701,14 +750,12 @@ class NetProbe:
         ts = time.monotonic_ns()
         retired, self._retired = self._retired, set()
         counters = self._bpf[b"counters"]
-        zones: dict[int, ZoneNet] = {}
-        stale: list[Any] = []
-        for key, value in self._maps.items(counters):
-            zone_key = int(getattr(key, "value", key))
-            zones[zone_key] = _sum_counters(value)
-            if zone_key in retired:
-                stale.append(key)
-        self._maps.delete(counters, stale)
+        zones = {
+            zone_key: _sum_counters(counters.getvalue(counters.Key(slot)))
+            for zone_key, slot in self._slots.items()
+        }
+        for zone_key in retired:
+            self._slots.release(zone_key)
         flows: list[tuple[FlowKey, FlowTotals]] = []
         for raw_key, raw in self._maps.items(self._bpf[b"flows"]):
             with contextlib.suppress(ValueError):
@@ -751,6 +798,7 @@ class NetProbe:
             self._reader = None
         self._zone_keys = set()
         self._retired = set()
+        self._slots = CounterSlots(MAX_ZONES)
 
 
 __all__ = [

@@ -579,6 +579,13 @@ class ZwFlowStats(ctypes.Structure):
     )
 
 
+class ZwNetIf(ctypes.Structure):
+    _fields_ = (
+        ("zone_key", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),
+    )
+
+
 class ZwNetCounters(ctypes.Structure):
     _fields_ = (
         ("bytes", ctypes.c_uint64 * 2),
@@ -609,6 +616,7 @@ MIRRORS.update(
     {
         "zw_flow_key": ZwFlowKey,
         "zw_flow_stats": ZwFlowStats,
+        "zw_net_if": ZwNetIf,
         "zw_net_counters": ZwNetCounters,
         "zw_net_event": ZwNetEvent,
     }
