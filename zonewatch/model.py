@@ -443,7 +443,7 @@ class NetEvent:
     rx_payload: int = 0
     tcp_flags: tuple[str, ...] = ()  # every flag seen so far, e.g. ("SYN", "ACK", "FIN")
     end_reason: str = ""  # flow_end: fin, rst or idle
-    duration_s: float = 0.0
+    duration_s: float = 0.0  # first packet to last seen, to a kernel tick (4 ms at HZ=250)
     tap: str = ""
     dns_qname: str = ""  # non-printable bytes escaped as \DDD
     dns_qtype: str = ""  # A, AAAA, ... or TYPEnnn
