@@ -211,11 +211,14 @@ struct zw_sched_key {
  * the hottest counters, kept here so that each event costs one lookup. The thread's
  * counts are folded into the per-zone maps (`counters`, `hist`) when it exits; until then
  * user space adds them up from this map. */
+/* zw_vcpu_state.flags */
+#define ZW_VCPU_ENTERED 1  /* kvm_entry fired for this thread (it never does under nested PVM) */
+
 struct zw_vcpu_state {
 	__u64 exit_ts;    /* last kvm_exit not yet followed by kvm_entry; 0 when none */
 	__u64 uexit_ts;   /* last return to user space not yet followed by KVM_RUN; 0 when none */
 	__u32 zone_key;
-	__u32 _pad;
+	__u32 flags;      /* ZW_VCPU_* */
 	__u64 emulated;        /* kvm_emulate_insn */
 	__u64 emulate_failed;  /* kvm_emulate_insn that failed */
 	__u64 exit_lat[ZW_HIST_SLOTS];  /* kvm_exit -> kvm_entry, by log2 slot of ns */

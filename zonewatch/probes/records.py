@@ -447,7 +447,7 @@ class ZwVcpuState(ctypes.Structure):
         ("exit_ts", ctypes.c_uint64),
         ("uexit_ts", ctypes.c_uint64),
         ("zone_key", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
         ("emulated", ctypes.c_uint64),
         ("emulate_failed", ctypes.c_uint64),
         ("exit_lat", ctypes.c_uint64 * ZW_HIST_SLOTS),
