@@ -507,6 +507,8 @@ class ProcEvent:
     target: str = ""  # host path, module name or ptrace target the call acted on
     ret: int = 0
     spawned: bool = False  # a process a zone process started (followed by the kernel)
+    sock_addr: str = ""  # connect/bind: the IPv4/IPv6 address ("" for other families)
+    sock_port: int = 0  # connect/bind: the port
 
     channel = "proc"
 
@@ -528,6 +530,11 @@ class ProcEvent:
                 "target": self.target,
                 "ret": self.ret,
                 "spawned": self.spawned,
+                **(
+                    {"sock_addr": self.sock_addr, "sock_port": self.sock_port}
+                    if self.sock_addr
+                    else {}
+                ),
             },
         }
 
@@ -641,6 +648,8 @@ def proc_event_from_json(obj: dict[str, Any]) -> ProcEvent:
         target=str(p.get("target", "")),
         ret=int(p.get("ret", 0)),
         spawned=bool(p.get("spawned", False)),
+        sock_addr=str(p.get("sock_addr", "")),
+        sock_port=int(p.get("sock_port", 0)),
     )
 
 

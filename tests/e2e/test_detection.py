@@ -11,8 +11,9 @@
 - escape: QEMU's 9p server resolves guest paths inside the share (symlinks are followed by
   the guest, in the guest), so no guest action here makes the VMM open a host file outside
   it. What the rule is for, a taken-over VMM opening host files, is produced through the
-  VMM itself: its monitor (`drive_add` opens /etc/shadow; `netdev_add bridge` with a
-  helper makes QEMU fork and exec a program: the proc channel's fork/exec);
+  VMM itself: its monitor (`drive_add` opens /etc/shadow; `chardev-add socket` makes it
+  connect out to an IP address; `netdev_add bridge` with a helper makes QEMU fork and
+  exec a program: the proc channel's fork/exec);
 - a benign zone doing file work and pings in the same run raises nothing but the `audit.*`
   findings the agent raises for every lab zone (lab QEMUs run as root, unconfined).
 
@@ -332,6 +333,13 @@ def attacked(run: Run) -> Run:
         run, escape, "Zone VMM opened a host path outside its share", started
     )
     started = time.monotonic()
+    # A taken-over VMM's own connection out (a client socket chardev): to the metadata
+    # listener, a non-loopback address on this host.
+    escape.monitor(f"chardev-add socket,id=zwc2,host={METADATA_IP},port=80")
+    run.timings["VMM connected out"] = time_alert(
+        run, escape, "Zone VMM connected to a network address", started
+    )
+    started = time.monotonic()
     escape.monitor("netdev_add bridge,id=zwesc,br=zwnobr,helper=/bin/true")
     run.timings["VMM spawned a program"] = time_alert(
         run, escape, "Zone VMM spawned a process", started
@@ -367,6 +375,7 @@ ATTACKS = [
         "created device node or special file /mnt/share/.cache/sda",
     ),
     ("host path outside the share", ESCAPE, {"proc.target": "/etc/shadow"}, "qemu-system-x86"),
+    ("VMM connected out", ESCAPE, {"proc.sock.addr": METADATA_IP}, f"{METADATA_IP}:80"),
     ("VMM spawned a program", ESCAPE, {}, "qemu-system-x86 (pid"),
 ]
 

@@ -250,6 +250,8 @@ def test_connect_and_bind(probe: ProcProbe, vmm: StandInVmm) -> None:
     evs = {e.op: e for e in events(records, vmm.pid)}
     assert (evs["bind"].target, evs["bind"].ret) == ("127.0.0.1:0", 0)
     assert (evs["connect"].target, evs["connect"].ret) == (f"127.0.0.1:{port}", 0)
+    assert (evs["connect"].sock_addr, evs["connect"].sock_port) == ("127.0.0.1", port)
+    assert (evs["bind"].sock_addr, evs["bind"].sock_port) == ("127.0.0.1", 0)
     assert local > 0
 
 

@@ -223,6 +223,11 @@ def proc_event(
         event.target = text(c_string(rec.path))
     elif op in (ProcOp.CONNECT, ProcOp.BIND):
         event.target = _sockaddr(rec)
+        if rec.arg[0] == AF_INET:
+            event.sock_addr = str(ipaddress.IPv4Address(rec.addr[:4]))
+        elif rec.arg[0] == AF_INET6:
+            event.sock_addr = str(ipaddress.IPv6Address(rec.addr[:16]))
+        event.sock_port = rec.arg[1] if event.sock_addr else 0
     return event
 
 

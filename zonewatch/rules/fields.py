@@ -140,6 +140,12 @@ _TABLE: tuple[Field, ...] = (
     Field("proc.target", S, "what the call acted on: host path (open_outside_share, mount), "
           "module name, ptrace target", {"proc": "target"}),
     Field("proc.ret", N, "the call's return value; negative errno on failure", {"proc": "ret"}),
+    Field("proc.spawned", B, "the process was started by a zone process (followed)",
+          {"proc": "spawned"}),
+    Field("proc.sock.addr", IP, "connect/bind: the IPv4/IPv6 address (\"\" for unix and "
+          "other families)", {"proc": "sock_addr"}),
+    Field("proc.sock.port", N, "connect/bind: the port (0 for unix and other families)",
+          {"proc": "sock_port"}),
     # file
     Field("file.path", S, "path as the guest sees it (\"\" outside every share)",
           {"file": "path"}),
