@@ -287,3 +287,4 @@ def watch_agent(delivery: Delivery, agent: Any) -> None:
         )
 
     prom.health = health
+    agent.on_rule_eval = prom.observe_rule_latency

@@ -133,6 +133,7 @@ def test_hostile_names_and_paths_pass_safely_through_every_sink(
     labels = [k for k in scraped if "hostile-" in k]
     assert labels, "no series for the hostile zone"
     assert all("\x1b" not in k and "\n" not in k for k in labels)
+    assert scraped["zonewatch_rule_eval_seconds_count"] > 0  # the rules ran, and were timed
     assert top.returncode == 0, top.stderr.decode(errors="replace")
     assert b"\x1b]0;" not in top.stdout and b"\x1b[2J" not in top.stdout
     assert b"hostile-" in top.stdout
