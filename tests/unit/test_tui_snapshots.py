@@ -40,6 +40,10 @@ def test_main_screen_filtered_by_text_and_tenant(snap_compare: SnapCompare) -> N
     assert snap_compare(app(), press=["slash", "i", "enter", "t"], terminal_size=(80, 24))
 
 
+def test_main_screen_with_the_alerts_pane_enlarged(snap_compare: SnapCompare) -> None:
+    assert snap_compare(app(), press=["a"], terminal_size=(80, 24))
+
+
 def test_zone_drill_down(snap_compare: SnapCompare) -> None:
     async def open_acme_db(pilot: Pilot[Any]) -> None:
         await pilot.pause()

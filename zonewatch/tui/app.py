@@ -27,6 +27,7 @@ HELP = """\
   [b]s[/b] / [b]S[/b]   sort by the next / previous column (or click a header)
   [b]r[/b]       reverse the order    [b]/[/b]  filter by text (name, tenant, id, reason)
   [b]t[/b]       next tenant (all, then each tenant)    [b]Esc[/b]  clear the filter
+  [b]a[/b]       alerts pane: six rows / most of the screen
   [b]p[/b]       pause / resume       [b]?[/b]  this help    [b]q[/b]  quit
 
 Columns: VC vCPUs · EXITS/s VM exits · REASON the top exit reason
@@ -117,7 +118,8 @@ class MainScreen(Screen[None]):
         Binding("t", "tenant", "Tenant"),
         Binding("s", "sort(1)", "Sort"),
         Binding("S", "sort(-1)", "Sort back", show=False),
-        Binding("r", "reverse", "Reverse"),
+        Binding("r", "reverse", "Reverse", show=False),  # in the help: the footer is full
+        Binding("a", "toggle_alerts", "Alerts"),
         Binding("escape", "clear_filter", "Clear", show=False),
     ]
     DEFAULT_CSS = """
@@ -125,6 +127,7 @@ class MainScreen(Screen[None]):
     MainScreen #zones { height: 1fr; scrollbar-size-vertical: 1; }
     MainScreen #alerts-title { height: 1; background: $panel; text-style: bold; }
     MainScreen #alerts-pane { height: 6; scrollbar-size-vertical: 1; }
+    MainScreen #alerts-pane.tall { height: 60%; }
     MainScreen #alerts { text-wrap: nowrap; text-overflow: ellipsis; }
     MainScreen #filter { dock: bottom; height: 1; border: none; padding: 0 1;
                          display: none; margin-bottom: 1; }
@@ -194,6 +197,10 @@ class MainScreen(Screen[None]):
         if key in SORT_BY_KEY:
             self.top.state.sort_by(key)
             self.redraw()
+
+    def action_toggle_alerts(self) -> None:
+        """Six rows of alerts, or most of the screen (an incident: read them, not zones)."""
+        self.query_one("#alerts-pane", VerticalScroll).toggle_class("tall")
 
     def action_sort(self, step: int) -> None:
         self.top.state.cycle_sort(step)
