@@ -47,6 +47,8 @@ def subscriber_main(address: str, streams: int, n: int) -> None:
     """A subscriber process: `streams` streams, each until it has n alerts; then "done"."""
     from zonewatch.api.client import Client, open_channel
 
+    said = threading.Lock()  # print() writes text and newline apart: threads interleave
+
     def one() -> None:
         c = Client(open_channel(address), TOKEN)
         got = 0
@@ -55,7 +57,8 @@ def subscriber_main(address: str, streams: int, n: int) -> None:
         for msg in stream:
             if msg.WhichOneof("msg") == "heartbeat" and not ready:
                 ready = True  # the stream is registered: what is published now reaches it
-                print("ready", flush=True)
+                with said:
+                    print("ready", flush=True)
             elif msg.WhichOneof("msg") == "alert":
                 got += 1
                 if got == n:
