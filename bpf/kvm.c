@@ -4,9 +4,8 @@
  * found by that thread. A zone's vCPU thread pays one lookup (its state in `vcpus`, by
  * tid) to be recognised; a thread of no zone two failed ones on the per-exit events (tid,
  * then tgid in zone_pids) and one on the hot ones (see zone_thread and known_thread).
- * A zone's thread gets a state entry
- * (`vcpus`, by tid) at its first exit, with the zone of its tid in zone_tids (the
- * inventory's vCPU threads) or else of its process.
+ * A zone's thread gets its state entry at its first exit, with the zone of its tid in
+ * zone_tids (the inventory's vCPU threads) or else of its process.
  *
  * Everything frequent is counted in the kernel; no per-exit record crosses into user
  * space. Per (zone, key) counts live in hash maps. The hottest bounded counts (emulated
@@ -331,7 +330,8 @@ static __always_inline int on_userspace_exit(u32 reason, int err)
 #ifdef ZW_RAW_kvm_userspace_exit
 RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
 {
-	return on_userspace_exit(ctx->args[0], (int)ctx->args[1]);  /* TP_PROTO(__u32 reason, int errno) */
+	/* TP_PROTO(__u32 reason, int errno) */
+	return on_userspace_exit(ctx->args[0], (int)ctx->args[1]);
 }
 #else
 TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
@@ -394,6 +394,7 @@ TRACEPOINT_PROBE(kvm, kvm_pio)
 #endif
 #endif
 
+#if defined(ZW_TP_kvm_mmio) || defined(ZW_TP_kvm_fast_mmio)
 static __always_inline int on_mmio(u32 access, u32 len, u64 gpa)
 {
 	struct zw_vcpu_state *st = zone_thread(bpf_get_current_pid_tgid());
@@ -408,12 +409,14 @@ static __always_inline int on_mmio(u32 access, u32 len, u64 gpa)
 	bump_sum(mmio.lookup_or_try_init(&key, &zero), len);
 	return 0;
 }
+#endif
 
 #ifdef ZW_TP_kvm_mmio
 #ifdef ZW_RAW_kvm_mmio
 RAW_TRACEPOINT_PROBE(kvm_mmio)
 {
-	return on_mmio(ctx->args[0], ctx->args[1], ctx->args[2]);  /* TP_PROTO(int type, int len, u64 gpa, ...) */
+	/* TP_PROTO(int type, int len, u64 gpa, ...) */
+	return on_mmio(ctx->args[0], ctx->args[1], ctx->args[2]);
 }
 #else
 TRACEPOINT_PROBE(kvm, kvm_mmio)

@@ -7,8 +7,9 @@
  * The tap's ifindex names the zone and its slot in the per-CPU `counters` array (zone_ifs,
  * filled by user space): one hash lookup per frame, and any other device costs only that.
  * Every frame is guest-controlled: headers are read (load_hdr) at offsets checked against
- * the frame and the IP lengths, and whatever contradicts itself is counted per zone (malformed, truncated, fragments, other) and
- * not parsed further, so it can neither crash nor skew another zone's counts.
+ * the frame and the IP lengths, and whatever contradicts itself is counted per zone
+ * (malformed, truncated, fragments, other) and not parsed further, so it can neither crash
+ * nor skew another zone's counts.
  */
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
