@@ -71,7 +71,7 @@ COUNTER_MAPS = ("exits", "uexits", "pio", "mmio", "counters", "hist")
 # bpf/kvm.c reads its arguments from): the ones that fire per exit. A raw tracepoint
 # hands the program the call's arguments; a classic one first copies them into a trace
 # record at every firing.
-# kvm_mmio's `val` was a u64 before 4.19 and a pointer since; bpf/kvm.c reads only the
+# kvm_mmio's `val` was a u64 on older kernels and is a pointer now; bpf/kvm.c reads only the
 # arguments before it, the same in both.
 RAW_FORMATS: dict[str, set[str]] = {
     "kvm_fpu": {"load"},
