@@ -138,12 +138,21 @@ def _nul_list(raw: bytes) -> list[str]:
     return [text(a) for a in raw.split(b"\0") if a]
 
 
+def _sock_ip(rec: ProcRecord) -> str:
+    """A connect/bind record's IPv4/IPv6 address as text; "" for other families."""
+    if rec.arg[0] == AF_INET:
+        return str(ipaddress.IPv4Address(rec.addr[:4]))
+    if rec.arg[0] == AF_INET6:
+        return str(ipaddress.IPv6Address(rec.addr[:16]))
+    return ""
+
+
 def _sockaddr(rec: ProcRecord) -> str:
     family, port = rec.arg[0], rec.arg[1]
     if family == AF_INET:
-        return f"{ipaddress.IPv4Address(rec.addr[:4])}:{port}"
+        return f"{_sock_ip(rec)}:{port}"
     if family == AF_INET6:
-        return f"[{ipaddress.IPv6Address(rec.addr[:16])}]:{port}"
+        return f"[{_sock_ip(rec)}]:{port}"
     if family == AF_UNIX:
         path = rec.path[:108]
         if path.startswith(b"\0"):  # abstract: shown as ss shows it
@@ -223,10 +232,7 @@ def proc_event(
         event.target = text(c_string(rec.path))
     elif op in (ProcOp.CONNECT, ProcOp.BIND):
         event.target = _sockaddr(rec)
-        if rec.arg[0] == AF_INET:
-            event.sock_addr = str(ipaddress.IPv4Address(rec.addr[:4]))
-        elif rec.arg[0] == AF_INET6:
-            event.sock_addr = str(ipaddress.IPv6Address(rec.addr[:16]))
+        event.sock_addr = _sock_ip(rec)
         event.sock_port = rec.arg[1] if event.sock_addr else 0
     return event
 
