@@ -156,20 +156,26 @@ class OtlpHealth:
     failed: dict[str, int] = field(default_factory=dict)
     queue_dropped: int = 0
     down: bool = False
+    # When `down` last changed (monotonic s). An export that started before then reports
+    # on the collector as it was: the three signals export concurrently, and one that was
+    # under way when the collector left can still succeed after another failed.
+    changed_at: float = float("-inf")
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def result(self, signal: str, ok: bool, n: int, endpoint: str) -> None:
+    def result(self, signal: str, ok: bool, n: int, endpoint: str, started: float) -> None:
         with self.lock:
             counts = self.exported if ok else self.failed
             counts[signal] = counts.get(signal, 0) + n
-            if not ok and not self.down:
-                self.down = True
+            if ok == (not self.down) or started < self.changed_at:
+                return
+            self.down = not ok
+            self.changed_at = time.monotonic()
+            if self.down:
                 log.warning(
                     "otlp: collector at %s unreachable; counting what is dropped until it is back",
                     endpoint,
                 )
-            elif ok and self.down:
-                self.down = False
+            else:
                 log.warning(
                     "otlp: export to %s resumed (%d records dropped so far)",
                     endpoint,
@@ -200,12 +206,13 @@ class _Counted:
         self.endpoint = endpoint
 
     def export(self, batch: Sequence[Any]) -> Any:
+        started = time.monotonic()
         try:
             result = self.inner.export(batch)
         except Exception:
             result = None
         ok = result is not None and result.name == "SUCCESS"
-        self.health.result(self.signal, ok, len(batch), self.endpoint)
+        self.health.result(self.signal, ok, len(batch), self.endpoint, started)
         return result if result is not None else _failure(self.signal)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -238,6 +245,7 @@ class _CountedMetrics(MetricExporter):
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
+        started = time.monotonic()
         try:
             result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         except Exception:
@@ -248,7 +256,8 @@ class _CountedMetrics(MetricExporter):
             for sm in rm.scope_metrics
             for m in sm.metrics
         )
-        self.health.result("metrics", result == MetricExportResult.SUCCESS, points, self.endpoint)
+        ok = result == MetricExportResult.SUCCESS
+        self.health.result("metrics", ok, points, self.endpoint, started)
         return result
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:

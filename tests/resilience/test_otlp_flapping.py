@@ -71,9 +71,9 @@ def test_collector_flapping_costs_a_line_each_way_and_stalls_nothing(
                 break
             receiver.stop()
             read_until(received[-1] + 100)  # a second of alerts with the collector away
-            wait_log(lambda f=flap: log_count("unreachable") == f + 1, "the outage's line")
+            wait_log(lambda f=flap: log_count("unreachable") == f + 1, "the outage's line", log)
             receiver = OtlpReceiver(port)
-            wait_log(lambda f=flap: log_count("resumed") == f + 1, "the return's line")
+            wait_log(lambda f=flap: log_count("resumed") == f + 1, "the return's line", log)
         assert source.proc.poll() is None
         lines = (log_count("unreachable"), log_count("resumed"))  # before the teardown's
     finally:
@@ -87,10 +87,10 @@ def test_collector_flapping_costs_a_line_each_way_and_stalls_nothing(
           f"(first seq, seqs logged): {up}")  # fmt: skip
 
 
-def wait_log(predicate: Any, what: str) -> None:
+def wait_log(predicate: Any, what: str, log: Path) -> None:
     import time
 
     deadline = time.monotonic() + 30
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log.read_text()}"
         time.sleep(0.05)  # a log file another process writes: nothing to await
