@@ -169,7 +169,9 @@ def test_busy_idle_and_a_stranger(probe: KvmProbe, microvm: MicroVmFactory) -> N
 def test_a_zone_that_leaves_is_reported_once_then_purged(
     probe: KvmProbe, microvm: MicroVmFactory
 ) -> None:
-    vm = microvm("leaver", rate=500, pio_per_iter=1, mmio_per_iter=0)
+    # Flat out: the vCPU exits while collect() deletes the zone's entries (it made some
+    # again, between two maps' deletions, before the states went first).
+    vm = microvm("leaver", rate=0, pio_per_iter=1, mmio_per_iter=0)
     probe.set_zones([zone_of(vm, 41)])
     vm.wait_stats(lambda s: s["iterations"] >= 200, 20)
     probe.set_zones([])  # the inventory lost it

@@ -119,6 +119,7 @@ class KvmProbe:
         self._maps = MapReader()
         self._zone_keys: set[int] = set()
         self._retired: set[int] = set()  # zones gone since the last collect()
+        self._purged: set[int] = set()  # zones the last collect() deleted
         self.attached: list[str] = []
         self.missing: list[str] = []
         self.raw: list[str] = []  # tracepoints attached raw (see bpf/kvm.c)
@@ -162,6 +163,7 @@ class KvmProbe:
         # collect(), then deleted.
         self._retired |= self._zone_keys - keys
         self._retired -= keys
+        self._purged -= keys
         self._zone_keys = keys
 
     def ring_fds(self) -> list[int]:
@@ -180,21 +182,34 @@ class KvmProbe:
         counted by the next call: the counts never go backwards.
 
         Zones that left the inventory since the last call appear one last time, then their
-        entries are deleted so the maps only hold live zones.
+        entries are deleted so the maps only hold live zones; the call after that deletes
+        what a program already running at that moment added back.
         """
         assert self._bpf is not None, "attach() first"
         bpf = self._bpf
         b = KvmSnapshotBuilder()
         ts = time.monotonic_ns()
-        retired = self._retired
-        self._retired = set()
-        stale: dict[str, list[Any]] = {name: [] for name in (*COUNTER_MAPS, "vcpus")}
+        retired, self._retired = self._retired, set()
+        # A program that was mid-event on a zone's thread while the last call deleted the
+        # zone can have added an entry back: such leftovers are deleted, never reported.
+        purged, self._purged = self._purged, retired
+        gone = retired | purged
+        # States first: a thread without one counts nothing more (its tid and tgid already
+        # left zone_tids and zone_pids), so the maps' entries are not made again.
+        stale: dict[str, list[Any]] = {name: [] for name in ("vcpus", *COUNTER_MAPS)}
 
         def read(name: str) -> list[tuple[Any, Any]]:
             items = self._maps.items(bpf[name.encode()])
-            if retired:
-                stale[name] += [k for k, v in items if _zone_key(k, v) in retired]
-            return items
+            if not gone:
+                return items
+            reported = []
+            for k, v in items:
+                zone = _zone_key(k, v)
+                if zone in gone:
+                    stale[name].append(k)
+                if zone not in purged:
+                    reported.append((k, v))
+            return reported
 
         for k, v in read("exits"):
             b.exit(k.zone_key, k.vcpu_id, k.isa, k.reason, int(v))
@@ -248,3 +263,4 @@ class KvmProbe:
             self._reader = None
             self._zone_keys = set()
             self._retired = set()
+            self._purged = set()
