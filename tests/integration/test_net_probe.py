@@ -396,3 +396,40 @@ def test_a_gone_zones_counters_are_reported_once_and_its_slot_starts_over(
             assert wait_counts(probe, 67, lambda z: z.tx_packets == 1).tx_packets == 1
         finally:
             probe.set_zones([])
+
+
+def test_a_zone_over_the_limit_waits_for_a_slot_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With every counter slot taken, a new zone's tap is refused (counted, one warning,
+    however many syncs retry it) and watched as soon as a gone zone's slot is free."""
+
+    def zone(key: int, tap: str) -> Zone:
+        return Zone(id=f"z{key}", key=key, name=f"z{key}", tenant="t", vmm=Vmm.QEMU,
+                    pid=0, start_time=0, taps=(tap,))  # fmt: skip
+
+    one = NetProbe(max_zones=1)
+    one.attach()
+    try:
+        with TapFd("zwnt6") as tap_a, TapFd("zwnt7") as tap_b:
+            tap_a.configure("10.214.6.1", 30, guest_ip="10.214.6.2")
+            tap_b.configure("10.214.7.1", 30, guest_ip="10.214.7.2")
+            first, second = zone(71, "zwnt6"), zone(72, "zwnt7")
+            with caplog.at_level("WARNING", logger="zonewatch.probes.net"):
+                for _ in range(3):  # the inventory's refreshes
+                    one.set_zones([first, second])
+            refusals = [r.getMessage() for r in caplog.records if "cannot watch" in r.getMessage()]
+            assert refusals == ["net probe: cannot watch zwnt7: all 1 zone slots are taken"]
+            assert one.attach_errors == 1
+            assert one.attached_taps.keys() == {"zwnt6"}
+
+            one.set_zones([second])  # the first leaves: its slot is free after a collect
+            assert 71 in one.collect().zones
+            one.set_zones([second])
+            assert one.attached_taps.keys() == {"zwnt7"}
+            net = Net(tap_b, 7)
+            net.send(net.v4(socket.IPPROTO_UDP, udp(40000, 9, b"x" * 100)))
+            assert wait_counts(one, 72, lambda z: z.tx_packets == 1).tx_packets == 1
+    finally:
+        one.set_zones([])
+        one.detach()

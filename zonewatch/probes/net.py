@@ -564,8 +564,10 @@ class NetProbe:
         idle_timeout_s: float = 30.0,
         ended_linger_s: float = 5.0,
         sweep_interval_s: float = 1.0,
+        max_zones: int = MAX_ZONES,
     ) -> None:
         self._ringbuf_pages = ringbuf_pages
+        self._max_zones = max_zones
         self._max_flows = max_flows
         self.idle_timeout_s = idle_timeout_s
         self.ended_linger_s = ended_linger_s  # an ended TCP flow's trailing ACKs count here
@@ -576,7 +578,8 @@ class NetProbe:
         self._maps = MapReader()
         self._wanted: dict[str, int] = {}  # tap name -> zone key, as the inventory says
         self._attached: dict[int, tuple[str, int]] = {}  # ifindex -> (tap, zone key)
-        self._slots = CounterSlots(MAX_ZONES)  # zone key -> its index in `counters`
+        self._slots = CounterSlots(max_zones)  # zone key -> its index in `counters`
+        self._refused: dict[str, str] = {}  # tap name -> why we can't watch it (logged once)
         self._zone_keys: set[int] = set()
         self._retired: set[int] = set()  # zones gone since the last collect()
         self._ended_zones: set[int] = set()  # zones gone whose flows the next sweep ends
@@ -599,7 +602,7 @@ class NetProbe:
         cflags = [
             f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}",
             f"-DZW_MAX_FLOWS={self._max_flows}",
-            f"-DZW_MAX_ZONE_IFS={MAX_ZONES}",
+            f"-DZW_MAX_ZONE_IFS={self._max_zones}",
         ]
         self._bpf = load_program("net.c", cflags)
         try:
@@ -656,6 +659,8 @@ class NetProbe:
             wanted = {
                 links[name]: (name, key) for name, key in self._wanted.items() if name in links
             }
+            for name in self._refused.keys() - self._wanted.keys():
+                del self._refused[name]
             for index in self._attached.keys() - wanted.keys():
                 name, _key = self._attached.pop(index)
                 with contextlib.suppress(KeyError):
@@ -671,9 +676,7 @@ class NetProbe:
                 if slot is None:
                     slot = self._slots.assign(key)
                     if slot is None:
-                        self.attach_errors += 1
-                        log.warning("net probe: cannot watch %s: %d zones watched already",
-                                    name, MAX_ZONES)  # fmt: skip
+                        self._refuse(name, f"all {self._max_zones} zone slots are taken")
                         continue
                     del self._bpf[b"counters"][slot]  # zeroes it (an array keeps its entries)
                 zone_ifs[zone_ifs.Key(index)] = zone_ifs.Leaf(key, slot)
@@ -681,12 +684,20 @@ class NetProbe:
                     try:
                         self._tc.add(ipr, index)
                     except NetlinkError as exc:
-                        self.attach_errors += 1
                         del zone_ifs[zone_ifs.Key(index)]
-                        log.warning("net probe: cannot attach to %s: %s", name, exc)
+                        self._refuse(name, str(exc))
                         continue
                     log.info("net probe: watching %s (ifindex %d)", name, index)
                 self._attached[index] = (name, key)
+                self._refused.pop(name, None)
+
+    def _refuse(self, tap: str, reason: str) -> None:
+        """A tap we can't watch now: tried again at each sync, but counted and logged once
+        for as long as the reason stays the same (a full host would log it every second)."""
+        if self._refused.get(tap) != reason:
+            self._refused[tap] = reason
+            self.attach_errors += 1
+            log.warning("net probe: cannot watch %s: %s", tap, reason)
 
     def ring_fds(self) -> list[int]:
         return [self._reader.fd] if self._reader else []
@@ -798,7 +809,8 @@ class NetProbe:
             self._reader = None
         self._zone_keys = set()
         self._retired = set()
-        self._slots = CounterSlots(MAX_ZONES)
+        self._slots = CounterSlots(self._max_zones)
+        self._refused = {}
 
 
 __all__ = [
