@@ -8,11 +8,13 @@
  * zone_tids (the inventory's vCPU threads) or else of its process.
  *
  * Everything frequent is counted in the kernel; no per-exit record crosses into user
- * space. Per (zone, key) counts live in hash maps. The hottest bounded counts (emulated
- * instructions, the latency histograms) are kept per thread in its state, without atomics
- * or a second lookup, and folded into the per-zone maps when the thread exits; user space
- * adds the live threads' shares when it reads. Only hypercalls and MSR writes are sent as
- * records, at most ZW_KVM_SAMPLES_PER_SEC per zone and second (the counters see them all).
+ * space. Per (zone, key) counts live in hash maps, with a cap per zone on the keys whose
+ * values the guest picks (ports, MMIO pages, MSRs, hypercalls: see new_key). The hottest
+ * bounded counts (emulated instructions, the latency histograms) are kept per thread in
+ * its state, without atomics or a second lookup, and folded into the per-zone maps when
+ * the thread exits; user space adds the live threads' shares when it reads. Only
+ * hypercalls and MSR writes are sent as records, at most ZW_KVM_SAMPLES_PER_SEC per zone
+ * and second (the counters see them all).
  *
  * Latencies are log2 histograms per zone, from per-thread timestamps:
  *  - kvm_exit -> the thread's next kvm_entry (as `perf kvm stat` measures it: this includes
@@ -48,6 +50,9 @@
 #ifndef ZW_KVM_SAMPLES_PER_SEC
 #define ZW_KVM_SAMPLES_PER_SEC 64
 #endif
+#ifndef ZW_KVM_KEYS_PER_ZONE
+#define ZW_KVM_KEYS_PER_ZONE 256
+#endif
 
 #define ZW_NSEC_PER_SEC 1000000000ULL
 
@@ -55,6 +60,14 @@
 struct zw_budget {
 	u64 window_start;
 	u64 used;
+};
+
+/* Keys a zone has made in the maps whose keys the guest chooses (see new_key). */
+enum zw_key_kind { ZW_KEYS_PIO, ZW_KEYS_MMIO, ZW_KEYS_CTR, ZW_KEYS_NKINDS };
+
+struct zw_zone_keys {
+	u32 made[ZW_KEYS_NKINDS];
+	u32 _pad;
 };
 
 BPF_HASH(zone_pids, u32, u32, ZW_MAX_ZONE_PIDS);     /* tgid -> zone key */
@@ -70,7 +83,8 @@ BPF_HASH(hist, struct zw_hist_key, u64, ZW_MAX_COUNTERS);  /* folded from exited
 /* Not LRU: an evicted entry would take its unfolded counts with it. Entries leave when the
  * thread exits (sched_process_exit) or its zone does (user space, after a last read). */
 BPF_HASH(vcpus, u32, struct zw_vcpu_state, ZW_MAX_VCPU_THREADS);
-BPF_HASH(budget, u32, struct zw_budget, ZW_MAX_ZONE_PIDS);
+BPF_HASH(budget, u32, struct zw_budget, ZW_MAX_ZONE_PIDS);           /* zone key -> */
+BPF_HASH(zone_keys, u32, struct zw_zone_keys, ZW_MAX_ZONE_PIDS);     /* zone key -> */
 
 /* A zeroed state to create entries from: the struct is too big for the BPF stack. */
 BPF_PERCPU_ARRAY(blank_state, struct zw_vcpu_state, 1);
@@ -115,11 +129,38 @@ static __always_inline u32 log2_slot(u64 v)
 	return slot < ZW_HIST_SLOTS ? slot : ZW_HIST_SLOTS - 1;
 }
 
+/* Whether a zone may make one more key of a kind. Ports, MMIO pages, MSR indices and
+ * hypercall numbers are the guest's to choose: a guest sweeping them would fill the
+ * shared maps and leave every other zone uncounted. So past ZW_KVM_KEYS_PER_ZONE keys of
+ * a kind, a zone's new ones are counted together in its ZW_KVM_KEY_OTHER key: its totals
+ * stay right, and only the breakdown is capped. Only called on a miss, so a zone's known
+ * keys (all of them, in a steady guest) cost nothing more. Racy across CPUs by design: a
+ * key or two over is harmless. */
+static __always_inline int new_key(u32 zone_key, u32 kind)
+{
+	struct zw_zone_keys zero = {};
+	struct zw_zone_keys *keys = zone_keys.lookup_or_try_init(&zone_key, &zero);
+	if (!keys || kind >= ZW_KEYS_NKINDS || keys->made[kind] >= ZW_KVM_KEYS_PER_ZONE)
+		return 0;
+	__sync_fetch_and_add(&keys->made[kind], 1);
+	return 1;
+}
+
+/* Code 0 is never "other": it is the only code of the emulation counts, so those always
+ * keep their own keys, and for the rest it is one key more per zone. */
 static __always_inline void count_ctr(u32 zone_key, u32 kind, u64 code, u64 n)
 {
 	struct zw_kvm_ctr_key key = {.zone_key = zone_key, .kind = kind, .code = code};
-	u64 zero = 0;
-	bump(counters.lookup_or_try_init(&key, &zero), n);
+	u64 *count = counters.lookup(&key);
+	if (!count) {
+		if (code && !new_key(zone_key, ZW_KEYS_CTR)) {
+			key.code = 0;
+			key.flags = ZW_KVM_KEY_OTHER;
+		}
+		u64 zero = 0;
+		count = counters.lookup_or_try_init(&key, &zero);
+	}
+	bump(count, n);
 }
 
 /* The calling thread's state if it belongs to a zone, created on its first such event.
@@ -375,8 +416,16 @@ static __always_inline int on_pio(u32 rw, u32 port, u32 size, u32 count)
 		.port = (u16)port,
 		.dir = rw ? 1 : 0,
 	};
-	struct zw_sum zero = {};
-	bump_sum(pio.lookup_or_try_init(&key, &zero), (u64)size * count);
+	struct zw_sum *sum = pio.lookup(&key);
+	if (!sum) {
+		if (!new_key(key.zone_key, ZW_KEYS_PIO)) {
+			key.port = 0;
+			key.flags = ZW_KVM_KEY_OTHER;
+		}
+		struct zw_sum zero = {};
+		sum = pio.lookup_or_try_init(&key, &zero);
+	}
+	bump_sum(sum, (u64)size * count);
 	return 0;
 }
 
@@ -405,8 +454,16 @@ static __always_inline int on_mmio(u32 access, u32 len, u64 gpa)
 		.access = access,
 		.page = gpa & ~0xfffULL,
 	};
-	struct zw_sum zero = {};
-	bump_sum(mmio.lookup_or_try_init(&key, &zero), len);
+	struct zw_sum *sum = mmio.lookup(&key);
+	if (!sum) {
+		if (!new_key(key.zone_key, ZW_KEYS_MMIO)) {
+			key.page = 0;
+			key.flags = ZW_KVM_KEY_OTHER;
+		}
+		struct zw_sum zero = {};
+		sum = mmio.lookup_or_try_init(&key, &zero);
+	}
+	bump_sum(sum, len);
 	return 0;
 }
 #endif

@@ -174,22 +174,29 @@ struct zw_kvm_uexit_key {
 	__u32 _pad;
 };
 
+/* Ports, MMIO pages and counter codes are the guest's to choose, so each zone makes at
+ * most ZW_KVM_KEYS_PER_ZONE keys of each; past that, its new ones are counted together
+ * in one key with this flag (port, page or code 0). See bpf/kvm.c new_key(). */
+#define ZW_KVM_KEY_OTHER 1
+
 struct zw_kvm_pio_key {
 	__u32 zone_key;
 	__u16 port;
 	__u8 dir;         /* 0 in, 1 out (KVM_PIO_IN/OUT) */
-	__u8 _pad;
+	__u8 flags;       /* ZW_KVM_KEY_OTHER */
 };
 
 struct zw_kvm_mmio_key {
 	__u32 zone_key;
-	__u32 access;     /* enum zw_kvm_mmio_access */
+	__u16 access;     /* enum zw_kvm_mmio_access */
+	__u16 flags;      /* ZW_KVM_KEY_OTHER */
 	__u64 page;       /* guest-physical address & ~0xfff */
 };
 
 struct zw_kvm_ctr_key {
 	__u32 zone_key;
-	__u32 kind;       /* enum zw_kvm_counter */
+	__u16 kind;       /* enum zw_kvm_counter */
+	__u16 flags;      /* ZW_KVM_KEY_OTHER */
 	__u64 code;
 };
 

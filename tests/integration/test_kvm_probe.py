@@ -23,7 +23,7 @@ from tests.helpers.microvms import MicroVmFactory
 from zonewatch.lab import microvm as mv
 from zonewatch.lab.microvm import MicroVmProcess
 from zonewatch.model import Vmm, Zone
-from zonewatch.probes.kvm import KvmProbe, PioKey
+from zonewatch.probes.kvm import OTHER, KvmProbe, PioKey
 from zonewatch.probes.kvm_reasons import KVM_EXIT_REASONS, SVM_TRACE_NAMES, VMX_EXIT_REASONS
 from zonewatch.probes.kvm_replay import KvmTraceReplay
 from zonewatch.probes.loader import tracefs
@@ -164,6 +164,44 @@ def test_busy_idle_and_a_stranger(probe: KvmProbe, microvm: MicroVmFactory) -> N
     assert lost["kvm.map_full"] == 0
     assert lost["kvm.state_full"] == 0
     probe.set_zones([])
+
+
+def test_a_guest_sweeping_ports_and_pages_is_capped_and_spares_other_zones(
+    microvm: MicroVmFactory,
+) -> None:
+    """Ports and MMIO pages are the guest's to pick. A zone sweeping them keeps its first
+    `keys` of each and one "other" key for the rest (its totals exact), so it cannot fill
+    the shared maps: a zone that starts after the sweep still has every key counted."""
+    keys = 8
+    capped = KvmProbe(keys_per_zone=keys, max_counters=64)  # 64: a sweep would fill it
+    capped.attach()
+    try:
+        sweeper = microvm("sweeper", rate=1000, pio_per_iter=4, mmio_per_iter=4, sweep=True)
+        capped.set_zones([zone_of(sweeper, 51)])
+        sweeper.wait_stats(lambda s: len(s["ports"]) >= 400 and len(s["mmio_pages"]) == 16, 20)
+        steady = microvm("steady", rate=500, pio_per_iter=1, mmio_per_iter=1, port=BUSY_PORT,
+                         mmio_addr=BUSY_MMIO)  # fmt: skip
+        capped.set_zones([zone_of(sweeper, 51), zone_of(steady, 52)])
+        steady.wait_stats(lambda s: s["iterations"] >= 100, 20)
+        swept, held = sweeper.stop(), steady.stop()
+        assert swept is not None and held is not None
+        k = capped.collect()
+
+        s = k.zone(51)
+        first_pages = {mv.DEFAULT_MMIO_ADDR + i * 0x1000 for i in range(keys)}
+        assert set(s.pio_ports()) == set(range(0x80, 0x80 + keys)) | {OTHER}  # the first ones
+        assert s.pio_total == swept["exits"]["io"]
+        assert set(s.mmio_pages()) == first_pages | {OTHER}
+        assert s.mmio_total == swept["exits"]["mmio"]
+        assert s.to_json()["pio"]["other/out"] > 0
+
+        t = k.zone(52)
+        assert t.pio_ports() == {BUSY_PORT: held["exits"]["io"]}
+        assert t.mmio_pages() == {BUSY_MMIO & ~0xFFF: held["exits"]["mmio"]}
+        assert capped.lost()["kvm.map_full"] == 0
+    finally:
+        capped.set_zones([])
+        capped.detach()
 
 
 def test_a_zone_that_leaves_is_reported_once_then_purged(

@@ -79,7 +79,7 @@ def map_entries(pid: int) -> dict[str, int]:
 
 ZONE_VALUED = ("zone_pids", "zone_tids")  # id -> zone key (zone_ifs' struct: see walk)
 PID_KEYED = ("zone_pids", "spawned", "exit_status")  # tgid -> ...
-ZONE_KEYED = ("budget", "counters")  # zone key -> (kvm's counters has a struct key instead)
+ZONE_KEYED = ("budget", "zone_keys", "counters")  # zone key -> (kvm's counters: struct key)
 
 
 def mentions(map_name: str, entry: Any, keys: set[int], pids: set[int]) -> bool:

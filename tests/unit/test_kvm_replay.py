@@ -17,7 +17,15 @@ from zonewatch.model import Vmm, Zone
 from zonewatch.probes.hist import log2_slot
 from zonewatch.probes.kvm_reasons import KvmIsa
 from zonewatch.probes.kvm_replay import KvmTraceReplay, parse_line, replay_kvm_trace
-from zonewatch.probes.kvm_stats import ExitKey, IoCount, MmioKey, PioKey, UserspaceExitKey
+from zonewatch.probes.kvm_stats import (
+    OTHER,
+    ExitKey,
+    IoCount,
+    KvmSnapshotBuilder,
+    MmioKey,
+    PioKey,
+    UserspaceExitKey,
+)
 from zonewatch.probes.records import KvmCounter, MmioAccess
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "kvm"
@@ -285,3 +293,38 @@ def test_failed_vmentry_and_restart() -> None:
     assert z.exits == {ExitKey(0, KvmIsa.VMX, 0x80000021): 1}
     assert z.exits_by_reason() == {"INVALID_STATE FAILED_VMENTRY": 1}
     assert z.userspace_exits_by_reason() == {"INTR (EINTR)": 1, "UNKNOWN (EFAULT)": 1}
+
+
+# ---- keys the guest picks: capped per zone, as bpf/kvm.c caps them -------------------
+def test_a_zones_keys_past_its_budget_are_counted_as_other() -> None:
+    b = KvmSnapshotBuilder(keys_per_zone=2)
+    for port in (0x80, 0x81, 0x82, 0x83, 0x80):
+        b.pio(ZONE, port, 1, 1, 1)
+    b.pio(ZONE + 1, 0x82, 1, 1, 1)  # another zone has its own budget
+    for page in (0x1000, 0x2000, 0x3000):
+        b.mmio(ZONE, page + 4, MmioAccess.WRITE, 1, 1)
+    for msr in (0x10, 0x11, 0x12):
+        b.counter(ZONE, KvmCounter.MSR_WRITE, msr)
+    b.counter(ZONE, KvmCounter.EMULATE, 0, 5)  # code 0 is never "other"
+    snap = b.build(0)
+    z = snap.zone(ZONE)
+    assert z.pio_ports() == {0x80: 2, 0x81: 1, OTHER: 2}
+    assert z.pio_total == 5  # the totals stay exact
+    assert snap.zone(ZONE + 1).pio_ports() == {0x82: 1}
+    assert z.mmio_pages() == {0x1000: 1, 0x2000: 1, OTHER: 1}
+    assert z.counter(KvmCounter.MSR_WRITE) == {0x10: 1, 0x11: 1, OTHER: 1}
+    assert z.counter(KvmCounter.EMULATE) == {0: 5}
+    doc = z.to_json()
+    assert doc["pio"] == {"other/out": 2, "0x80/out": 2, "0x81/out": 1}
+    assert doc["mmio"]["other/write"] == 1
+    assert doc["msr_writes"] == {"0x10": 1, "0x11": 1, "other": 1}
+
+
+def test_the_live_probes_keys_arrive_capped_already() -> None:
+    b = KvmSnapshotBuilder()  # what KvmProbe.collect uses: the kernel did the capping
+    for port in range(300):
+        b.pio(ZONE, port, 0)
+    b.pio(ZONE, OTHER, 0, 7, 7)
+    ports = b.build(0).zone(ZONE).pio_ports()
+    assert len(ports) == 301
+    assert ports[OTHER] == 7

@@ -268,12 +268,16 @@ STATS_INTERVAL_S = 0.5
 MAX_LAG_S = 1.0  # further behind the schedule than this: restart it instead of bursting
 
 
-def assemble_guest(port: int, mmio_offset: int, pio_per_iter: int, mmio_per_iter: int) -> bytes:
+def assemble_guest(
+    port: int, mmio_offset: int, pio_per_iter: int, mmio_per_iter: int, sweep: bool = False
+) -> bytes:
     """The guest program, 16-bit real mode, assembled by hand.
 
     ES is pointed (through KVM_SET_SREGS) at the 64 KiB-aligned block holding the MMIO
     address, so `mmio_offset` is the address's low 16 bits. BL is a counter whose low byte
-    is the value written, so successive writes differ.
+    is the value written, so successive writes differ. With `sweep`, each `out` goes to
+    the next port (all 65536 in turn) and each MMIO write to the next page of the block
+    (16 in turn): a guest choosing as many keys as it can.
     """
 
     def imm16(value: int) -> tuple[int, int]:
@@ -305,6 +309,8 @@ def assemble_guest(port: int, mmio_offset: int, pio_per_iter: int, mmio_per_iter
     pio_loop = len(code)
     code += bytes((0x88, 0xD8))  # mov al, bl             ; 88 /r, modrm 11 011 000
     code += bytes((0xEE,))  # out dx, al                   ; -> KVM_EXIT_IO
+    if sweep:
+        code += bytes((0x42,))  # inc dx                   ; the next port
     code += bytes((0x43,))  # inc bx
     code += bytes((0xE2, rel8(pio_loop)))  # loop pio_loop ; --cx, jump while cx != 0
     mmio_part = len(code)
@@ -316,6 +322,8 @@ def assemble_guest(port: int, mmio_offset: int, pio_per_iter: int, mmio_per_iter
     code += bytes((0x88, 0xD8))  # mov al, bl
     code += bytes((0x26, 0x88, 0x05))  # mov es:[di], al ; 26 = ES override, modrm 00 000 101
     #                                                    ; -> KVM_EXIT_MMIO (unmapped)
+    if sweep:
+        code += bytes((0x81, 0xC7, *imm16(0x1000)))  # add di, 0x1000 ; the next page
     code += bytes((0x43,))  # inc bx
     code += bytes((0xE2, rel8(mmio_loop)))  # loop mmio_loop
     halt = len(code)
@@ -341,6 +349,7 @@ class MicroVmConfig:
     tap: str = ""  # an existing tap held open while the VM runs
     file_dir: Path | None = None  # the toy file backend's folder (see the module doc)
     file_ops: int = 1  # files the backend writes per port write
+    sweep: bool = False  # each write to the next port / MMIO page (see assemble_guest)
 
     def validate(self) -> None:
         if not self.name:
@@ -491,7 +500,9 @@ class MicroVm:
 
         cfg = self.config
         self._mem = mmap.mmap(-1, GUEST_MEM_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        code = assemble_guest(cfg.port, cfg.mmio_addr & 0xFFFF, cfg.pio_per_iter, cfg.mmio_per_iter)
+        code = assemble_guest(
+            cfg.port, cfg.mmio_addr & 0xFFFF, cfg.pio_per_iter, cfg.mmio_per_iter, cfg.sweep
+        )
         self._mem[GUEST_CODE_ADDR : GUEST_CODE_ADDR + len(code)] = code
         mem_buf = (ctypes.c_ubyte * GUEST_MEM_SIZE).from_buffer(self._mem)
         region = KvmUserspaceMemoryRegion(
@@ -797,6 +808,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--file-ops", type=int, default=1, help="files per port write (1)")
     p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="each port write to the next port, each MMIO write to the next page",
+    )
+    p.add_argument(
         "--parent-pid",
         type=int,
         default=None,
@@ -824,6 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tap=args.tap,
             file_dir=args.file_dir,
             file_ops=args.file_ops,
+            sweep=args.sweep,
         )
         return serve(config)
     except ZonewatchError as exc:
@@ -855,6 +872,7 @@ class MicroVmProcess:
         tap: str = "",
         file_dir: Path | None = None,
         file_ops: int = 1,
+        sweep: bool = False,
         python: str = sys.executable,
     ) -> None:
         self.config = MicroVmConfig(
@@ -869,6 +887,7 @@ class MicroVmProcess:
             tap=tap,
             file_dir=file_dir,
             file_ops=file_ops,
+            sweep=sweep,
         )
         self.config.validate()
         self.python = python
@@ -896,6 +915,7 @@ class MicroVmProcess:
             *(("--tap", c.tap) if c.tap else ()),
             *(("--file-dir", str(c.file_dir), "--file-ops", str(c.file_ops))
               if c.file_dir is not None else ()),
+            *(("--sweep",) if c.sweep else ()),
         ]  # fmt: skip
 
     @property

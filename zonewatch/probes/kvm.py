@@ -14,6 +14,8 @@ from typing import Any
 from zonewatch.model import Zone, vcpu_tids, zone_pids
 from zonewatch.probes.base import ZonePidFilter, sum_percpu
 from zonewatch.probes.kvm_stats import (
+    KEYS_PER_ZONE,
+    OTHER,
     ExitKey,
     IoCount,
     KvmSnapshot,
@@ -27,6 +29,7 @@ from zonewatch.probes.loader import load_program, tracepoint_defines, tracepoint
 from zonewatch.probes.maps import MapReader, RecordRingReader
 from zonewatch.probes.records import (
     KVM_DECODERS,
+    KVM_KEY_OTHER,
     CountLostSource,
     HistKind,
     KvmCounter,
@@ -38,6 +41,7 @@ __all__ = [
     "DETAIL_TRACEPOINTS",
     "KVM_TRACEPOINTS",
     "LEAN_TRACEPOINTS",
+    "OTHER",
     "ExitKey",
     "IoCount",
     "KvmProbe",
@@ -66,6 +70,8 @@ LEAN_TRACEPOINTS = tuple(tp for tp in KVM_TRACEPOINTS if tp not in DETAIL_TRACEP
 
 # The per-zone counter maps collect() reads.
 COUNTER_MAPS = ("exits", "uexits", "pio", "mmio", "counters", "hist")
+# Per-zone bookkeeping keyed by the zone key: the sample budget, the keys made (new_key).
+ZONE_KEYED_MAPS = ("budget", "zone_keys")
 
 # Tracepoints attached raw when their format is exactly this (so TP_PROTO is the one
 # bpf/kvm.c reads its arguments from): the ones that fire per exit. A raw tracepoint
@@ -82,6 +88,11 @@ RAW_FORMATS: dict[str, set[str]] = {
     "kvm_fast_mmio": {"gpa"},
     "kvm_msr": {"write", "ecx", "data", "exception"},
 }
+
+
+def _or_other(key: Any, value: int) -> int:
+    """A map key's port, page or code, or OTHER for the zone's keys past its budget."""
+    return OTHER if key.flags & KVM_KEY_OTHER else int(value)
 
 
 def _zone_key(key: Any, value: Any) -> int:
@@ -102,6 +113,7 @@ class KvmProbe:
         samples_per_sec: int = 64,
         max_counters: int = 16384,
         max_vcpu_threads: int = 8192,
+        keys_per_zone: int = KEYS_PER_ZONE,
         tracepoints: Sequence[str] = KVM_TRACEPOINTS,
         raw: bool = True,
     ) -> None:
@@ -110,6 +122,7 @@ class KvmProbe:
         self._samples_per_sec = samples_per_sec
         self._max_counters = max_counters
         self._max_vcpu_threads = max_vcpu_threads
+        self._keys_per_zone = keys_per_zone
         self._tracepoints = tuple(tracepoints)
         self._raw_allowed = raw
         self._bpf: Any = None
@@ -142,6 +155,7 @@ class KvmProbe:
             f"-DZW_KVM_SAMPLES_PER_SEC={self._samples_per_sec}",
             f"-DZW_MAX_COUNTERS={self._max_counters}",
             f"-DZW_MAX_VCPU_THREADS={self._max_vcpu_threads}",
+            f"-DZW_KVM_KEYS_PER_ZONE={self._keys_per_zone}",
         ]
         self._bpf = load_program("kvm.c", cflags)
         self._pids = ZonePidFilter(self._bpf[b"zone_pids"])
@@ -216,11 +230,11 @@ class KvmProbe:
         for k, v in read("uexits"):
             b.userspace_exit(k.zone_key, k.reason, k.err, int(v))
         for k, v in read("pio"):
-            b.pio(k.zone_key, k.port, k.dir, v.count, v.total)
+            b.pio(k.zone_key, _or_other(k, k.port), k.dir, v.count, v.total)
         for k, v in read("mmio"):
-            b.mmio(k.zone_key, k.page, k.access, v.count, v.total)
+            b.mmio(k.zone_key, _or_other(k, k.page), k.access, v.count, v.total)
         for k, v in read("counters"):
-            b.counter(k.zone_key, k.kind, k.code, int(v))
+            b.counter(k.zone_key, k.kind, _or_other(k, k.code), int(v))
         for k, v in read("hist"):
             b.latency(k.zone_key, k.kind, k.slot, int(v))
         for _tid, st in read("vcpus"):
@@ -235,6 +249,8 @@ class KvmProbe:
             for slot, n in enumerate(st.user_lat):
                 if n:
                     b.latency(zone, HistKind.KVM_USERSPACE, slot, n)
+        for name in ZONE_KEYED_MAPS:  # keyed by the zone key itself: nothing to read
+            stale[name] = list(gone)
         for name, keys in stale.items():
             if keys:
                 self._maps.delete(bpf[name.encode()], keys)

@@ -26,7 +26,7 @@ from pathlib import Path
 from zonewatch.model import Zone, vcpu_tids, zone_pids
 from zonewatch.probes.hist import log2_slot
 from zonewatch.probes.kvm_reasons import KvmIsa, isa_of_trace_name, parse_trace_reason
-from zonewatch.probes.kvm_stats import KvmSnapshot, KvmSnapshotBuilder
+from zonewatch.probes.kvm_stats import KEYS_PER_ZONE, KvmSnapshot, KvmSnapshotBuilder
 from zonewatch.probes.records import HistKind, KvmCounter, MmioAccess
 
 KVM_EXIT_UNKNOWN = 0
@@ -148,7 +148,7 @@ class KvmTraceReplay:
         self._tid_zones = dict(tid_zones)
         self._pid_zones = dict(pid_zones or {})
         self.isa = isa  # None: told by the first exit reason with a name
-        self.builder = KvmSnapshotBuilder()
+        self.builder = KvmSnapshotBuilder(KEYS_PER_ZONE)  # capped as the kernel caps them
         self.errors = ReplayErrors()
         self.lines = 0
         self.skipped: dict[str, int] = {}  # events this replay does not count, by name

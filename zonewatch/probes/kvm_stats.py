@@ -18,6 +18,15 @@ from zonewatch.probes.kvm_reasons import exit_reason_name, userspace_exit_name
 from zonewatch.probes.records import HistKind, KvmCounter, MmioAccess
 
 PAGE_MASK = ~0xFFF
+# The port, page or code of a zone's "other" key: its keys past the per-zone budget
+# (bpf/kvm.c new_key, ZW_KVM_KEY_OTHER), counted together. No real one is negative.
+OTHER = -1
+KEYS_PER_ZONE = 256  # ZW_KVM_KEYS_PER_ZONE
+
+
+def code_name(code: int) -> str:
+    """A port, page or counter code as the snapshots name it."""
+    return "other" if code == OTHER else f"{code:#x}"
 
 
 @dataclass(slots=True, frozen=True)
@@ -55,12 +64,12 @@ class PioKey:
 
     @property
     def name(self) -> str:
-        return f"{self.port:#x}/{'out' if self.direction else 'in'}"
+        return f"{code_name(self.port)}/{'out' if self.direction else 'in'}"
 
 
 @dataclass(slots=True, frozen=True)
 class MmioKey:
-    page: int  # guest-physical address of the 4 KiB page
+    page: int  # guest-physical address of the 4 KiB page, or OTHER
     access: int  # MmioAccess
 
     @property
@@ -69,13 +78,13 @@ class MmioKey:
             kind = MmioAccess(self.access).name.lower()
         except ValueError:
             kind = str(self.access)
-        return f"{self.page:#x}/{kind}"
+        return f"{code_name(self.page)}/{kind}"
 
 
 @dataclass(slots=True, frozen=True)
 class CounterKey:
     kind: int  # KvmCounter
-    code: int  # hypercall nr, MSR index, CPUID leaf, emulation mode
+    code: int  # hypercall nr, MSR index, CPUID leaf, emulation mode; or OTHER
 
 
 @dataclass(slots=True)
@@ -188,8 +197,8 @@ class ZoneKvm:
             "pio": {k.name: c.count for k, c in sorted(self.pio.items(), key=_pio_order)},
             "mmio": {k.name: c.count for k, c in sorted(self.mmio.items(), key=_mmio_order)},
             "emulated": self.emulated_total,
-            "hypercalls": {f"{nr:#x}": n for nr, n in self.counter(KvmCounter.HYPERCALL).items()},
-            "msr_writes": {f"{m:#x}": n for m, n in self.counter(KvmCounter.MSR_WRITE).items()},
+            "hypercalls": {code_name(c): n for c, n in self.counter(KvmCounter.HYPERCALL).items()},
+            "msr_writes": {code_name(m): n for m, n in self.counter(KvmCounter.MSR_WRITE).items()},
             "exit_latency_ns": self.exit_latency.to_json(),
             "userspace_latency_ns": self.userspace_latency.to_json(),
         }
@@ -223,11 +232,28 @@ class KvmSnapshot:
 
 
 class KvmSnapshotBuilder:
-    """Raw codes and counts in (from kernel maps or replayed records), a KvmSnapshot out."""
+    """Raw codes and counts in (from kernel maps or replayed records), a KvmSnapshot out.
 
-    def __init__(self) -> None:
+    With `keys_per_zone`, the builder caps each zone's ports, pages and nonzero counter
+    codes as bpf/kvm.c does (the replay's case); without it the keys come capped already.
+    """
+
+    def __init__(self, keys_per_zone: int | None = None) -> None:
         self._zones: dict[int, ZoneKvm] = {}
+        self._keys_per_zone = keys_per_zone
+        self._made: dict[tuple[int, str], int] = {}  # (zone, map) -> keys made (new_key)
         self.unknown_hist_kinds = 0
+
+    def _capped(self, zone_key: int, known: dict[Any, Any], key: Any, other: Any) -> Any:
+        """`key`, or `other` when it is new and its zone has made its share of keys."""
+        if self._keys_per_zone is None or key in known:
+            return key
+        kind = type(key).__name__
+        made = self._made.get((zone_key, kind), 0)
+        if made >= self._keys_per_zone:
+            return other
+        self._made[zone_key, kind] = made + 1
+        return key
 
     def _zone(self, zone_key: int) -> ZoneKvm:
         zone = self._zones.get(zone_key)
@@ -247,19 +273,24 @@ class KvmSnapshotBuilder:
 
     def pio(self, zone_key: int, port: int, direction: int, n: int = 1, nbytes: int = 0) -> None:
         pio = self._zone(zone_key).pio
-        c = pio.setdefault(PioKey(port, direction), IoCount())
+        key = self._capped(zone_key, pio, PioKey(port, direction), PioKey(OTHER, direction))
+        c = pio.setdefault(key, IoCount())
         c.count += n
         c.bytes += nbytes
 
     def mmio(self, zone_key: int, gpa: int, access: int, n: int = 1, nbytes: int = 0) -> None:
         mmio = self._zone(zone_key).mmio
-        c = mmio.setdefault(MmioKey(gpa & PAGE_MASK, access), IoCount())
+        page = OTHER if gpa == OTHER else gpa & PAGE_MASK
+        key = self._capped(zone_key, mmio, MmioKey(page, access), MmioKey(OTHER, access))
+        c = mmio.setdefault(key, IoCount())
         c.count += n
         c.bytes += nbytes
 
     def counter(self, zone_key: int, kind: int, code: int, n: int = 1) -> None:
         counters = self._zone(zone_key).counters
         key = CounterKey(kind, code)
+        if code:
+            key = self._capped(zone_key, counters, key, CounterKey(kind, OTHER))
         counters[key] = counters.get(key, 0) + n
 
     def latency(self, zone_key: int, kind: int, slot: int, n: int = 1) -> None:

@@ -328,6 +328,7 @@ class KvmOp(enum.IntEnum):
 
 KVM_F_FAULT = 1  # the MSR access raised #GP
 KVM_F_FAST = 2  # a Hyper-V "fast" hypercall (arguments in registers)
+KVM_KEY_OTHER = 1  # a pio/mmio/counters key holding a zone's keys past its budget
 
 
 class KvmCounter(enum.IntEnum):
@@ -407,14 +408,15 @@ class ZwKvmPioKey(ctypes.Structure):
         ("zone_key", ctypes.c_uint32),
         ("port", ctypes.c_uint16),
         ("dir", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
     )
 
 
 class ZwKvmMmioKey(ctypes.Structure):
     _fields_ = (
         ("zone_key", ctypes.c_uint32),
-        ("access", ctypes.c_uint32),
+        ("access", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
         ("page", ctypes.c_uint64),
     )
 
@@ -422,7 +424,8 @@ class ZwKvmMmioKey(ctypes.Structure):
 class ZwKvmCtrKey(ctypes.Structure):
     _fields_ = (
         ("zone_key", ctypes.c_uint32),
-        ("kind", ctypes.c_uint32),
+        ("kind", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
         ("code", ctypes.c_uint64),
     )
 
