@@ -577,16 +577,24 @@ TRACEPOINT_PROBE(kvm, kvm_msr)
 #endif
 
 /* ---- hypercalls ---- */
-#ifdef ZW_TP_kvm_hypercall
-TRACEPOINT_PROBE(kvm, kvm_hypercall)
+#if defined(ZW_TP_kvm_hypercall) || defined(ZW_TP_kvm_hv_hypercall) || \
+	defined(ZW_TP_kvm_xen_hypercall)
+/* A zone's hypercall: counted, then a record to fill if the zone's budget allows one. */
+static __always_inline struct zw_kvm_event *on_hypercall(u32 kind, u32 op, u64 code)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	struct zw_vcpu_state *st = zone_thread(id);
 	if (!st)
 		return 0;
-	u32 zone_key = st->zone_key;
-	count_ctr(zone_key, ZW_KVM_CTR_HYPERCALL, args->nr, 1);
-	struct zw_kvm_event *e = sample_begin(id, zone_key, ZW_KVM_HYPERCALL, args->nr);
+	count_ctr(st->zone_key, kind, code, 1);
+	return sample_begin(id, st->zone_key, op, code);
+}
+#endif
+
+#ifdef ZW_TP_kvm_hypercall
+TRACEPOINT_PROBE(kvm, kvm_hypercall)
+{
+	struct zw_kvm_event *e = on_hypercall(ZW_KVM_CTR_HYPERCALL, ZW_KVM_HYPERCALL, args->nr);
 	if (!e)
 		return 0;
 	e->args[0] = args->a0;
@@ -601,13 +609,8 @@ TRACEPOINT_PROBE(kvm, kvm_hypercall)
 #ifdef ZW_TP_kvm_hv_hypercall
 TRACEPOINT_PROBE(kvm, kvm_hv_hypercall)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	struct zw_vcpu_state *st = zone_thread(id);
-	if (!st)
-		return 0;
-	u32 zone_key = st->zone_key;
-	count_ctr(zone_key, ZW_KVM_CTR_HV_HYPERCALL, args->code, 1);
-	struct zw_kvm_event *e = sample_begin(id, zone_key, ZW_KVM_HV_HYPERCALL, args->code);
+	struct zw_kvm_event *e =
+		on_hypercall(ZW_KVM_CTR_HV_HYPERCALL, ZW_KVM_HV_HYPERCALL, args->code);
 	if (!e)
 		return 0;
 	e->args[0] = args->ingpa;
@@ -622,13 +625,8 @@ TRACEPOINT_PROBE(kvm, kvm_hv_hypercall)
 #ifdef ZW_TP_kvm_xen_hypercall
 TRACEPOINT_PROBE(kvm, kvm_xen_hypercall)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	struct zw_vcpu_state *st = zone_thread(id);
-	if (!st)
-		return 0;
-	u32 zone_key = st->zone_key;
-	count_ctr(zone_key, ZW_KVM_CTR_XEN_HYPERCALL, args->nr, 1);
-	struct zw_kvm_event *e = sample_begin(id, zone_key, ZW_KVM_XEN_HYPERCALL, args->nr);
+	struct zw_kvm_event *e =
+		on_hypercall(ZW_KVM_CTR_XEN_HYPERCALL, ZW_KVM_XEN_HYPERCALL, args->nr);
 	if (!e)
 		return 0;
 	e->args[0] = args->a0;
