@@ -382,6 +382,8 @@ class OtlpSink:
               "userspace_exits_per_s")  # fmt: skip
         gauge("zonewatch.zone.kvm.exit.latency.p99", "s", "p99 VM exit handling time",
               "exit_latency_p99_us", 1e-6)  # fmt: skip
+        gauge("zonewatch.zone.kvm.vmm.latency.p99", "s", "p99 time the VMM took per exit",
+              "vmm_latency_p99_us", 1e-6)  # fmt: skip
         gauge("zonewatch.zone.sched.run_delay.p99", "s", "p99 wait of vCPU threads to run",
               "run_delay_p99_us", 1e-6)  # fmt: skip
         gauge("zonewatch.zone.cpu.utilization", "1", "vCPU threads' CPU, in CPUs", "cpu_pct", 0.01)

@@ -47,9 +47,24 @@ ZONE_GAUGES: dict[str, tuple[str, str, float]] = {
     "mmio_per_s": ("zonewatch_zone_kvm_mmio_per_second", "MMIO exits per second", 1),
     "hypercalls_per_s": ("zonewatch_zone_kvm_hypercalls_per_second", "Hypercalls per second", 1),
     "msr_writes_per_s": ("zonewatch_zone_kvm_msr_writes_per_second", "MSR writes per second", 1),
+    "exit_latency_p50_us": (
+        "zonewatch_zone_kvm_exit_latency_p50_seconds",
+        "Median VM exit handling time",
+        1e-6,
+    ),
     "exit_latency_p99_us": (
         "zonewatch_zone_kvm_exit_latency_p99_seconds",
         "p99 VM exit handling time",
+        1e-6,
+    ),
+    "vmm_latency_p50_us": (
+        "zonewatch_zone_kvm_vmm_latency_p50_seconds",
+        "Median time the VMM took per return to it",
+        1e-6,
+    ),
+    "vmm_latency_p99_us": (
+        "zonewatch_zone_kvm_vmm_latency_p99_seconds",
+        "p99 time the VMM took per return to it",
         1e-6,
     ),
     "run_delay_p50_us": (

@@ -61,15 +61,24 @@ def fill_kvm(stats: ZoneStats, window: ZoneKvm, seconds: float) -> None:
     stats.msr_writes_per_s = sum(window.counter(KvmCounter.MSR_WRITE).values()) / seconds
     stats.pio_ports = _top({k.name: c.count / seconds for k, c in window.pio.items()})
     stats.mmio_pages = _top({k.name: c.count / seconds for k, c in window.mmio.items()})
-    p99 = window.exit_latency.p99()
-    stats.exit_latency_p99_us = (p99 or 0.0) / NS_PER_US
+    stats.exit_latency_p50_us = _us(window.exit_latency.p50())
+    stats.exit_latency_p99_us = _us(window.exit_latency.p99())
+    stats.exit_latency_hist_ns = window.exit_latency.by_lower_bound()
+    stats.vmm_latency_p50_us = _us(window.userspace_latency.p50())
+    stats.vmm_latency_p99_us = _us(window.userspace_latency.p99())
+    stats.vmm_latency_hist_ns = window.userspace_latency.by_lower_bound()
 
 
 def fill_sched(stats: ZoneStats, window: ZoneSched, seconds: float) -> None:
-    stats.run_delay_p50_us = (window.run_delay_p50_ns() or 0.0) / NS_PER_US
-    stats.run_delay_p99_us = (window.run_delay_p99_ns() or 0.0) / NS_PER_US
+    stats.run_delay_p50_us = _us(window.run_delay_p50_ns())
+    stats.run_delay_p99_us = _us(window.run_delay_p99_ns())
+    stats.run_delay_hist_ns = window.run_delay.by_lower_bound()
     stats.run_delay_pct = 100.0 * window.run_delay_total.ns / (seconds * 1e9)
     stats.cpu_pct = 100.0 * window.cpu_ns / (seconds * 1e9)
+
+
+def _us(ns: float | None) -> float:
+    return (ns or 0.0) / NS_PER_US
 
 
 def _top(rates: dict[str, float]) -> dict[str, float]:

@@ -327,6 +327,8 @@ class ZoneStats:
     The aggregator fills one per zone each interval; the UI, the metrics sinks and the
     windowed rules read them (rule fields `kvm.*`, `sched.*`, `net.*`, `file.*` below).
     Rates are per second. Detail maps (by exit reason, by port) are bounded by the probes.
+    Latency histograms (`*_hist_ns`) count the interval's samples by log2 bucket, keyed by
+    the bucket's lower bound in ns ("1024" holds 1024..2047 ns; "0" holds 0).
     """
 
     ts_ns: int
@@ -343,10 +345,16 @@ class ZoneStats:
     msr_writes_per_s: float = 0.0
     pio_ports: dict[str, float] = field(default_factory=dict)  # "0x3f8/out" -> per second
     mmio_pages: dict[str, float] = field(default_factory=dict)  # "0xfee00000/write" -> per s
+    exit_latency_p50_us: float = 0.0  # VM exit -> entry, where kvm_exit fires
     exit_latency_p99_us: float = 0.0
+    exit_latency_hist_ns: dict[str, int] = field(default_factory=dict)
+    vmm_latency_p50_us: float = 0.0  # the VMM's time per return to user space
+    vmm_latency_p99_us: float = 0.0
+    vmm_latency_hist_ns: dict[str, int] = field(default_factory=dict)
     # sched
     run_delay_p50_us: float = 0.0
     run_delay_p99_us: float = 0.0
+    run_delay_hist_ns: dict[str, int] = field(default_factory=dict)
     run_delay_pct: float = 0.0  # share of the interval vCPUs were runnable but waiting (steal)
     cpu_pct: float = 0.0  # of one CPU, summed over the zone's vCPU threads
     # net
@@ -385,11 +393,17 @@ class ZoneStats:
                 "msr_writes_per_s": _r(self.msr_writes_per_s),
                 "pio_ports": _rd(self.pio_ports),
                 "mmio_pages": _rd(self.mmio_pages),
+                "exit_latency_p50_us": _r(self.exit_latency_p50_us),
                 "exit_latency_p99_us": _r(self.exit_latency_p99_us),
+                "exit_latency_hist_ns": self.exit_latency_hist_ns,
+                "vmm_latency_p50_us": _r(self.vmm_latency_p50_us),
+                "vmm_latency_p99_us": _r(self.vmm_latency_p99_us),
+                "vmm_latency_hist_ns": self.vmm_latency_hist_ns,
             },
             "sched": {
                 "run_delay_p50_us": _r(self.run_delay_p50_us),
                 "run_delay_p99_us": _r(self.run_delay_p99_us),
+                "run_delay_hist_ns": self.run_delay_hist_ns,
                 "run_delay_pct": _r(self.run_delay_pct),
                 "cpu_pct": _r(self.cpu_pct),
             },
@@ -720,6 +734,9 @@ def zone_stats_from_json(obj: dict[str, Any]) -> ZoneStats:
     def rates(d: Any) -> dict[str, float]:
         return {str(key): float(v) for key, v in (d or {}).items()}
 
+    def counts(d: Any) -> dict[str, int]:
+        return {str(key): int(v) for key, v in (d or {}).items()}
+
     return ZoneStats(
         ts_ns=parse_rfc3339_ns(obj["ts"]),
         zone=zone_ref_from_json(obj.get("zone") or {}),
@@ -734,9 +751,16 @@ def zone_stats_from_json(obj: dict[str, Any]) -> ZoneStats:
         msr_writes_per_s=float(k.get("msr_writes_per_s", 0.0)),
         pio_ports=rates(k.get("pio_ports")),
         mmio_pages=rates(k.get("mmio_pages")),
+        exit_latency_p50_us=float(k.get("exit_latency_p50_us", 0.0)),
         exit_latency_p99_us=float(k.get("exit_latency_p99_us", 0.0)),
+        exit_latency_hist_ns=counts(k.get("exit_latency_hist_ns")),
+        vmm_latency_p50_us=float(k.get("vmm_latency_p50_us", 0.0)),
+        vmm_latency_p99_us=float(k.get("vmm_latency_p99_us", 0.0)),
+        vmm_latency_hist_ns=counts(k.get("vmm_latency_hist_ns")),
         run_delay_p50_us=float(s.get("run_delay_p50_us", 0.0)),
         run_delay_p99_us=float(s.get("run_delay_p99_us", 0.0)),
+        run_delay_hist_ns=counts(s.get("run_delay_hist_ns")),
+        run_delay_pct=float(s.get("run_delay_pct", 0.0)),
         cpu_pct=float(s.get("cpu_pct", 0.0)),
         rx_bytes_per_s=float(n.get("rx_bytes_per_s", 0.0)),
         tx_bytes_per_s=float(n.get("tx_bytes_per_s", 0.0)),

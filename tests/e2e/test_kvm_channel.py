@@ -104,6 +104,14 @@ def test_busy_idle_and_a_stranger(tmp_path: Path) -> None:
     pages = {p for x in window for p in x["kvm"]["mmio_pages"]}
     assert ports == {f"{BUSY_PORT:#x}/out"}, ports
     assert pages == {f"{BUSY_MMIO & ~0xFFF:#x}/write"}, pages
+    # Latency histograms ride along: the interval's vCPU waits by log2 bucket (ns), and
+    # the p99 falls in their range. (VMM time per exit needs kvm_entry or --kvm-detail.)
+    for x in window:
+        waits = {int(low): n for low, n in x["sched"]["run_delay_hist_ns"].items()}
+        assert waits and all(n > 0 for n in waits.values()), x["sched"]
+        p99_ns = x["sched"]["run_delay_p99_us"] * 1000
+        assert min(waits) <= p99_ns <= 2 * max(waits) + 1, x["sched"]
+        assert isinstance(x["kvm"]["vmm_latency_hist_ns"], dict)
     # The idle zone: its one iteration a second, nothing like the busy one.
     assert idle_lines, "the idle zone is inventoried too"
     assert max(x["kvm"]["userspace_exits_per_s"] for x in idle_lines) < 10

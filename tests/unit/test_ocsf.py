@@ -59,5 +59,6 @@ def test_every_zonestats_field_is_in_the_proto() -> None:
     missing = names - set(pb.ZoneStats.DESCRIPTOR.fields_by_name)
     assert not missing, f"add {sorted(missing)} to ZoneStats in zonewatch.proto"
     stats = ZoneStats(1, make_alert(0).zone, 1.0, exits_per_s=3.5,
-                      exits_by_reason={"io": 2.0}, open_alerts=2)  # fmt: skip
+                      exits_by_reason={"io": 2.0}, open_alerts=2, vmm_latency_p99_us=12.5,
+                      run_delay_hist_ns={"4096": 3, "8192": 1})  # fmt: skip
     assert convert.stats_from_pb(convert.stats_pb(stats)) == stats

@@ -12,7 +12,10 @@ from zonewatch.model import Alert, Severity, Zone, ZoneRef, ZoneStats, json_byte
 
 # ZoneStats fields that are maps in the message; every other field is a scalar of the same
 # name (tests/unit/test_api_convert.py checks that both sides list the same fields).
-STATS_MAPS = ("exits_by_reason", "pio_ports", "mmio_pages")
+STATS_MAPS = (
+    "exits_by_reason", "pio_ports", "mmio_pages",
+    "exit_latency_hist_ns", "vmm_latency_hist_ns", "run_delay_hist_ns",
+)  # fmt: skip
 STATS_SKIP = ("zone",)
 
 

@@ -97,13 +97,18 @@ class Log2Hist:
     def p99(self) -> float | None:
         return self.percentile(0.99)
 
+    def by_lower_bound(self) -> dict[str, int]:
+        """Counts keyed by each slot's lower bound ("1024" holds 1024..2047), as JSON and
+        the stats snapshots carry them."""
+        return {str(slot_bounds(s)[0]): n for s, n in sorted(self.buckets.items()) if n}
+
     def to_json(self) -> dict[str, object]:
-        """Counts by slot's lower bound, plus the usual percentiles (for stats snapshots)."""
+        """Counts by slot's lower bound, plus the usual percentiles."""
         return {
             "count": self.count,
             "p50": self.p50(),
             "p99": self.p99(),
-            "buckets": {str(slot_bounds(s)[0]): n for s, n in sorted(self.buckets.items())},
+            "buckets": self.by_lower_bound(),
         }
 
 
