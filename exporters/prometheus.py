@@ -8,13 +8,14 @@ through `health` (events in, probes attached, subscriber queue depths).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from zonewatch.exporters.base import JsonRecord
@@ -103,6 +104,45 @@ ZONE_GAUGES: dict[str, tuple[str, str, float]] = {
 }
 
 
+# ZoneStats histogram field -> (metric name, help). Each snapshot carries its interval's
+# samples by log2 bucket; the sink adds them up into a cumulative Prometheus histogram
+# per zone (histogram_quantile over any range then works in PromQL).
+ZONE_HISTOGRAMS: dict[str, tuple[str, str]] = {
+    "run_delay_hist_ns": (
+        "zonewatch_zone_sched_run_delay_seconds",
+        "Waits of vCPU threads to run",
+    ),
+    "vmm_latency_hist_ns": (
+        "zonewatch_zone_kvm_vmm_latency_seconds",
+        "Time the VMM took per return to it",
+    ),
+    "exit_latency_hist_ns": (
+        "zonewatch_zone_kvm_exit_latency_seconds",
+        "VM exit handling time (exit to entry)",
+    ),
+}
+# The buckets' upper bounds: 2^10 ns (about 1 us) to 2^34 ns (about 17 s), one per log2
+# step as the kernel counts them; shorter samples fall in the first. Fixed, so a zone's
+# series keep the same buckets for their whole life.
+HIST_BOUNDS_NS = tuple(1 << k for k in range(10, 35))
+
+
+def _cumulative(counts: dict[int, int]) -> list[tuple[str, float]]:
+    """log2 counts (bucket lower bound ns -> n) as Prometheus buckets (le in s)."""
+    out: list[tuple[str, float]] = []
+    total = 0
+    lows = sorted(counts)
+    i = 0
+    for bound in HIST_BOUNDS_NS:
+        # A log2 bucket [low, 2*low) is under `bound` when 2*low <= bound ("0" holds 0).
+        while i < len(lows) and max(2 * lows[i], 1) <= bound:
+            total += counts[lows[i]]
+            i += 1
+        out.append((repr(bound / 1e9), float(total)))
+    out.append(("+Inf", float(sum(counts.values()))))
+    return out
+
+
 class _Collector(Collector):
     def __init__(self, sink: PrometheusSink) -> None:
         self.sink = sink
@@ -114,12 +154,20 @@ class _Collector(Collector):
             zones = list(s.zones)
             alerts = dict(s.alerts)
             lost = dict(s.lost)
+            hists = {zone: {f: dict(c) for f, c in h.items()} for zone, h in s.hists.items()}
         labels = ["zone", "tenant"]
         for attr, (name, doc, scale) in ZONE_GAUGES.items():
             g = GaugeMetricFamily(name, doc, labels=labels)
             for st in stats:
                 g.add_metric([st.zone.name, st.zone.tenant], float(getattr(st, attr)) * scale)
             yield g
+        for attr, (name, doc) in ZONE_HISTOGRAMS.items():
+            hist = HistogramMetricFamily(name, doc, labels=labels)
+            for st in stats:
+                counts = hists.get(st.zone.id, {}).get(attr)
+                if counts:
+                    hist.add_metric([st.zone.name, st.zone.tenant], _cumulative(counts), None)
+            yield hist
         by_reason = GaugeMetricFamily(
             "zonewatch_zone_kvm_exits_by_reason_per_second",
             "VM exits per second by reason",
@@ -189,6 +237,8 @@ class PrometheusSink:
     def __init__(self, address: str | None = "127.0.0.1:9464") -> None:
         self.lock = threading.Lock()
         self.stats: dict[str, ZoneStats] = {}
+        # zone id -> histogram field -> bucket lower bound (ns) -> samples since the start
+        self.hists: dict[str, dict[str, dict[int, int]]] = {}
         self.zones: list[Zone] = []
         self.alerts: dict[tuple[str, str, str], int] = {}
         self.lost: dict[str, int] = {}
@@ -225,11 +275,29 @@ class PrometheusSink:
                 elif isinstance(r, Lost):
                     self.lost[r.source] = self.lost.get(r.source, 0) + r.count
                 elif isinstance(r, ZoneStats):
-                    self.stats[r.zone.id] = r
+                    self._take(r, self.stats.get(r.zone.id))
 
     def update_stats(self, stats: Sequence[ZoneStats]) -> None:
+        """Every zone's newest snapshot (the zones not named are no longer exported)."""
         with self.lock:
-            self.stats = {s.zone.id: s for s in stats}
+            previous, self.stats = self.stats, {}
+            for st in stats:
+                self._take(st, previous.get(st.zone.id))
+
+    def _take(self, st: ZoneStats, previous: ZoneStats | None) -> None:
+        """A zone's newest snapshot; its histograms' windows are added once each (the
+        same snapshot seen again, by its timestamp, adds nothing)."""
+        self.stats[st.zone.id] = st
+        if previous is not None and previous.ts_ns >= st.ts_ns:
+            return
+        zone = self.hists.setdefault(st.zone.id, {})
+        for attr in ZONE_HISTOGRAMS:
+            window: dict[str, int] = getattr(st, attr)
+            if window:
+                counts = zone.setdefault(attr, {})
+                for low, n in window.items():
+                    with contextlib.suppress(ValueError):  # a key that is no number: skip
+                        counts[int(low)] = counts.get(int(low), 0) + int(n)
 
     def set_zones(self, zones: Sequence[Zone]) -> None:
         """The zones now; the series of zones gone are no longer exported (zone churn must
@@ -238,6 +306,7 @@ class PrometheusSink:
             self.zones = list(zones)
             live = {z.id for z in zones}
             self.stats = {k: v for k, v in self.stats.items() if k in live}
+            self.hists = {k: v for k, v in self.hists.items() if k in live}
             names = {(z.name, z.tenant) for z in zones}
             self.alerts = {k: n for k, n in self.alerts.items() if k[:2] in names}
 

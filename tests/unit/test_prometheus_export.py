@@ -123,3 +123,29 @@ def test_a_gone_zones_series_go_with_it() -> None:
     sink.set_zones([zone("zone-b")])  # zone-a stopped
     zones = {s.labels.get("zone") for s in scrape(sink)} - {None}
     assert zones == {"zone-b"}
+
+
+def test_latency_histograms_add_up_the_snapshots_windows() -> None:
+    """Each snapshot carries its interval's samples by log2 bucket; /metrics serves their
+    sum as one cumulative histogram per zone, in seconds, with fixed buckets."""
+    sink = PrometheusSink(None)
+    first = dataclasses.replace(stats(), ts_ns=1, run_delay_hist_ns={"4096": 3, "0": 1})
+    second = dataclasses.replace(stats(), ts_ns=2, run_delay_hist_ns={"4096": 2, "65536": 1})
+    sink.update_stats([first])
+    sink.update_stats([first])  # the same snapshot again adds nothing
+    sink.update_stats([second])
+    buckets = {
+        float(s.labels["le"]): s.value
+        for s in scrape(sink)
+        if s.name == "zonewatch_zone_sched_run_delay_seconds_bucket"
+    }
+    assert buckets[1024e-9] == 1  # the 0 ns sample
+    assert buckets[4096e-9] == 1  # 4096..8191 ns is not under 4.096 us...
+    assert buckets[8192e-9] == 6  # ...but is under 8.192 us
+    assert buckets[131072e-9] == 7
+    assert buckets[float("inf")] == 7
+    assert len(buckets) == 26  # 2^10..2^34 ns and +Inf
+    values = list(buckets.values())
+    assert values == sorted(values)  # cumulative
+    names = {s.name for s in scrape(sink)}
+    assert "zonewatch_zone_kvm_exit_latency_seconds_bucket" not in names  # no samples: none
