@@ -21,14 +21,27 @@ from zonewatch.model import Alert, Lost, Severity, Zone, ZoneRef, ZoneStats
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 UIDS = {"zonewatch-fleet", "zonewatch-zone", "zonewatch-agent"}
-LABELS = {"zone", "tenant", "vmm", "reason", "severity", "source", "probe", "queue", "instance"}
+LABELS = {
+    "zone",
+    "tenant",
+    "vmm",
+    "reason",
+    "severity",
+    "source",
+    "probe",
+    "queue",
+    "instance",
+    "le",
+}
 
 
 def exported_names() -> set[str]:
     """Every sample name a populated sink serves."""
     sink = PrometheusSink(None)
     ref = ZoneRef("z1", "zone-a", "acme", "qemu")
-    sink.update_stats([ZoneStats(1, ref, 1.0, exits_by_reason={"IO": 1.0})])
+    hist = {"4096": 1}
+    sink.update_stats([ZoneStats(1, ref, 1.0, exits_by_reason={"IO": 1.0}, run_delay_hist_ns=hist,
+                                 vmm_latency_hist_ns=hist, exit_latency_hist_ns=hist)])  # fmt: skip
     sink.set_zones([Zone("z1", 1, "zone-a", "acme", "qemu", 1, 0)])  # type: ignore[arg-type]
     sink.update_stats([ZoneStats(1, ref, 1.0, exits_by_reason={"IO": 1.0})])
     sink.export([Alert(1, ref, "r", Severity.LOW, "s"), Lost(1, "file", 3)])
