@@ -51,6 +51,33 @@ class ZonePidFilter:
         self._current = dict(pids)
 
 
+class LeavingZones:
+    """Zones that left the inventory, through the two collects that purge their entries.
+
+    The first collect after a zone leaves reports its entries one last time, then deletes
+    them. The next one deletes, without reporting, what a BPF program already running for
+    the zone at that moment added back (the kernel filter no longer matches it, so nothing
+    more comes). A zone that returns is live again at once."""
+
+    def __init__(self) -> None:
+        self._retired: set[int] = set()  # left since the last collect
+        self._purged: set[int] = set()  # deleted by the last collect
+
+    def follow(self, before: set[int], now: set[int]) -> None:
+        """The inventory went from zone keys `before` to `now`."""
+        self._retired = (self._retired | (before - now)) - now
+        self._purged -= now
+
+    def next_collect(self) -> tuple[set[int], set[int]]:
+        """(zones to report once more, then delete; zones to delete unreported)."""
+        retired, self._retired = self._retired, set()
+        purged, self._purged = self._purged, retired
+        return retired, purged
+
+    def clear(self) -> None:
+        self._retired, self._purged = set(), set()
+
+
 def sum_percpu(table: Any, index: int) -> int:
     """The total of one slot of a BPF per-CPU array."""
     return int(sum(table[ctypes.c_int(index)]))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from zonewatch.model import Zone, vcpu_tids, zone_pids
-from zonewatch.probes.base import ZonePidFilter, sum_percpu
+from zonewatch.probes.base import LeavingZones, ZonePidFilter, sum_percpu
 from zonewatch.probes.kvm_stats import (
     KEYS_PER_ZONE,
     OTHER,
@@ -131,8 +131,7 @@ class KvmProbe:
         self._reader: RecordRingReader[KvmRecord] | None = None
         self._maps = MapReader()
         self._zone_keys: set[int] = set()
-        self._retired: set[int] = set()  # zones gone since the last collect()
-        self._purged: set[int] = set()  # zones the last collect() deleted
+        self._leaving = LeavingZones()
         self.attached: list[str] = []
         self.missing: list[str] = []
         self.raw: list[str] = []  # tracepoints attached raw (see bpf/kvm.c)
@@ -175,9 +174,7 @@ class KvmProbe:
         keys = {z.key for z in zones}
         # Gone zones' entries (and their threads' state) are read one last time by the next
         # collect(), then deleted.
-        self._retired |= self._zone_keys - keys
-        self._retired -= keys
-        self._purged -= keys
+        self._leaving.follow(self._zone_keys, keys)
         self._zone_keys = keys
 
     def ring_fds(self) -> list[int]:
@@ -203,10 +200,7 @@ class KvmProbe:
         bpf = self._bpf
         b = KvmSnapshotBuilder()
         ts = time.monotonic_ns()
-        retired, self._retired = self._retired, set()
-        # A program that was mid-event on a zone's thread while the last call deleted the
-        # zone can have added an entry back: such leftovers are deleted, never reported.
-        purged, self._purged = self._purged, retired
+        retired, purged = self._leaving.next_collect()
         gone = retired | purged
         # States first: a thread without one counts nothing more (its tid and tgid already
         # left zone_tids and zone_pids), so the maps' entries are not made again.
@@ -278,5 +272,4 @@ class KvmProbe:
             self._tids = None
             self._reader = None
             self._zone_keys = set()
-            self._retired = set()
-            self._purged = set()
+            self._leaving.clear()

@@ -32,7 +32,7 @@ from typing import Any
 from zonewatch.errors import EnvironmentProblem
 from zonewatch.inventory import procfs
 from zonewatch.model import NetEvent, Zone, ZoneRef, ZoneStats
-from zonewatch.probes.base import sum_percpu
+from zonewatch.probes.base import LeavingZones, sum_percpu
 from zonewatch.probes.loader import import_bcc, load_program
 from zonewatch.probes.maps import MapReader, RecordRingReader
 from zonewatch.probes.records import (
@@ -581,7 +581,7 @@ class NetProbe:
         self._slots = CounterSlots(max_zones)  # zone key -> its index in `counters`
         self._refused: dict[str, str] = {}  # tap name -> why we can't watch it (logged once)
         self._zone_keys: set[int] = set()
-        self._retired: set[int] = set()  # zones gone since the last collect()
+        self._leaving = LeavingZones()  # zones gone: their slots go after a last collect()
         self._ended_zones: set[int] = set()  # zones gone whose flows the next sweep ends
         self._next_sweep = 0.0
         self.addresses = ZoneAddresses()
@@ -633,10 +633,8 @@ class NetProbe:
         self.addresses.set_zones(zones)
         self.set_taps({tap: z.key for z in zones for tap in z.taps})
         keys = {z.key for z in zones}
-        gone = self._zone_keys - keys
-        self._retired |= gone
-        self._ended_zones |= gone
-        self._retired -= keys
+        self._ended_zones |= self._zone_keys - keys
+        self._leaving.follow(self._zone_keys, keys)
         self._zone_keys = keys
 
     def set_taps(self, taps: Mapping[str, int]) -> None:
@@ -759,7 +757,8 @@ class NetProbe:
         counters are deleted."""
         assert self._bpf is not None, "attach() first"
         ts = time.monotonic_ns()
-        retired, self._retired = self._retired, set()
+        # A slot is zeroed before its next zone gets it, so no second purge is needed.
+        retired, _ = self._leaving.next_collect()
         counters = self._bpf[b"counters"]
         zones = {
             zone_key: _sum_counters(counters.getvalue(counters.Key(slot)))
@@ -808,7 +807,7 @@ class NetProbe:
             self._bpf = None
             self._reader = None
         self._zone_keys = set()
-        self._retired = set()
+        self._leaving.clear()
         self._slots = CounterSlots(self._max_zones)
         self._refused = {}
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zonewatch.model import Zone, vcpu_tids, zone_pids
-from zonewatch.probes.base import ZonePidFilter, sum_percpu
+from zonewatch.probes.base import LeavingZones, ZonePidFilter, sum_percpu
 from zonewatch.probes.hist import Log2Hist
 from zonewatch.probes.loader import load_program, tracepoint_defines
 from zonewatch.probes.maps import MapReader
@@ -108,7 +108,7 @@ class SchedProbe:
         self._tids: ZonePidFilter | None = None
         self._maps = MapReader()
         self._zone_keys: set[int] = set()
-        self._retired: set[int] = set()
+        self._leaving = LeavingZones()
         self.missing: list[str] = []
 
     def attach(self) -> None:
@@ -134,9 +134,9 @@ class SchedProbe:
         self._tids.sync(vcpu_tids(zones))
         keys = {z.key for z in zones}
         gone = self._zone_keys - keys
+        self._leaving.follow(self._zone_keys, keys)
         self._zone_keys = keys
         if gone:
-            self._retired |= gone
             waiting = self._bpf[b"waiting"]
             self._maps.delete(
                 waiting, [k for k, st in self._maps.items(waiting) if st.zone_key in gone]
@@ -154,12 +154,13 @@ class SchedProbe:
         """Every zone's cumulative run delay and CPU time, read in batches.
 
         Zones that left the inventory since the last call appear one last time, then their
-        entries are deleted.
+        entries are deleted (and the next call deletes what a switch already under way
+        then added back: see LeavingZones).
         """
         assert self._bpf is not None, "attach() first"
         ts = time.monotonic_ns()
-        retired = self._retired
-        self._retired = set()
+        retired, purged = self._leaving.next_collect()
+        gone = retired | purged
         zones: dict[int, ZoneSched] = {}
 
         def zone(key: int) -> ZoneSched:
@@ -172,11 +173,17 @@ class SchedProbe:
         stale_hist: list[Any] = []
         stale_totals: list[Any] = []
         for k, v in self._maps.items(hist):
+            if k.zone_key in gone:
+                stale_hist.append(k)
+                if k.zone_key in purged:
+                    continue
             if k.kind == HistKind.RUN_DELAY:
                 zone(k.zone_key).run_delay.add(k.slot, int(v))
-            if k.zone_key in retired:
-                stale_hist.append(k)
         for k, v in self._maps.items(totals):
+            if k.zone_key in gone:
+                stale_totals.append(k)
+                if k.zone_key in purged:
+                    continue
             z = zone(k.zone_key)
             t = Total(v.count, v.total)
             if k.kind == SchedTotal.RUN_DELAY:
@@ -185,8 +192,6 @@ class SchedProbe:
                 z.vcpu_oncpu = t
             elif k.kind == SchedTotal.OTHER_ONCPU:
                 z.other_oncpu = t
-            if k.zone_key in retired:
-                stale_totals.append(k)
         self._maps.delete(hist, stale_hist)
         self._maps.delete(totals, stale_totals)
         return SchedSnapshot(ts_mono_ns=ts, zones=zones)
@@ -207,4 +212,4 @@ class SchedProbe:
             self._pids = None
             self._tids = None
             self._zone_keys = set()
-            self._retired = set()
+            self._leaving.clear()
