@@ -211,8 +211,10 @@ _TABLE: tuple[Field, ...] = (
     Field("kvm.mmio_per_s", F, "MMIO exits per second", {"stats": "mmio_per_s"}),
     Field("kvm.hypercalls_per_s", F, "hypercalls per second", {"stats": "hypercalls_per_s"}),
     Field("kvm.msr_writes_per_s", F, "MSR writes per second", {"stats": "msr_writes_per_s"}),
-    Field("kvm.pio_ports", M, "port I/O per second by port/direction", {"stats": "pio_ports"}),
-    Field("kvm.mmio_pages", M, "MMIO per second by page/direction", {"stats": "mmio_pages"}),
+    Field("kvm.pio_ports", M, "port I/O per second by port/direction (other/...: ports past "
+          "the zone's first 256)", {"stats": "pio_ports"}),
+    Field("kvm.mmio_pages", M, "MMIO per second by page/direction (other/...: pages past the "
+          "zone's first 256)", {"stats": "mmio_pages"}),
     Field("kvm.exit_latency_p50_us", F, "median exit handling time (exit to entry)",
           {"stats": "exit_latency_p50_us"}),
     Field("kvm.exit_latency_p99_us", F, "99th percentile exit handling time",
