@@ -71,6 +71,9 @@ class GapReason(StrEnum):
     DAMAGED = "damaged"  # a record on disk that does not parse
     RETENTION = "retention"  # dropped by retention
     UNKNOWN = "unknown"  # seqs missing with no record saying why
+    # Never in a journal: what the server tells a cursor from another journal.
+    EPOCH = "epoch"  # the cursor's epoch is not this journal's
+    AHEAD = "ahead"  # the cursor is past this journal's end
 
 
 @dataclass(slots=True)
