@@ -3,14 +3,16 @@
 Layout: DIR/<first seq, 20 digits>.seg files of JSON lines, oldest first; the newest segment
 is the active one. A line is an alert (`{"seq": N, ...}`) or a gap record
 (`{"gap": [FIRST, LAST], "why": REASON, "tenants": {...}}`): seqs that hold no alert on
-disk, and why (see `Gap`). DIR/meta holds the journal's epoch (a random id given when the
-journal is created: a cursor from another journal, e.g. before a wipe, is told apart) and
-the seq reservation.
+disk, and why (see `Gap`). The name of the empty file DIR/meta-EPOCH-RESERVED-ISSUED-BOOT
+holds the journal's epoch (a random id given when the journal is created: a cursor from
+another journal, e.g. before a wipe, is told apart) and the seq reservation; it is renamed
+to update it, which needs no data block on a full disk.
 
 A seq is never issued twice, whatever crashed when. Before an alert gets a seq, the seq is
-inside a reservation fsynced to DIR/meta (`RESERVE_BLOCK` seqs at a time, extended ahead by
-the flusher thread). While alerts wait in memory (a full disk), the newest seq issued is
-written to DIR/meta too (no fsync: it survives a killed agent, as the page cache does). On
+inside a reservation made durable in the meta file's name (`RESERVE_BLOCK` seqs at a time,
+extended ahead by the flusher thread). While alerts wait in memory (a full disk), the
+newest seq issued is recorded there too (no fsync: it survives a killed agent, as the page
+cache does). On
 open, the seqs issued but not on disk become a `not_written` gap record; after a host
 restart (the page cache lost) the whole unused reservation becomes a `power_loss` gap
 (alerts numbered in the last fsync interval may be in it). Numbering goes on after both.
@@ -57,8 +59,7 @@ from zonewatch.model import Alert, Severity, ZoneRef, json_bytes
 log = logging.getLogger(__name__)
 
 SUFFIX = ".seg"
-META = "meta"
-META_BYTES = 256  # one fixed-size record, rewritten in place (no new blocks on a full disk)
+META = "meta-"  # the name of an empty file holding the epoch and the seq reservation
 INDEX_EVERY = 128  # one remembered file offset per this many records of a segment
 RESERVE_BLOCK = 4096  # seqs reserved per fsync of DIR/meta
 DROPPED_KEPT = 4096  # per-tenant counts of segments retention dropped, for `retention` gaps
@@ -268,29 +269,23 @@ class ReadResult:
 
 @dataclass(slots=True)
 class _Meta:
+    """The journal's epoch and seq reservation, held in the NAME of an empty file (renamed
+    to update: a rename needs no data block, so it works on a full disk too)."""
+
     epoch: str
     reserved: int  # no seq above this has been issued (fsynced before use)
     issued: int  # the newest seq issued (written while alerts wait in memory)
     host_boot: str  # the host's boot id when written: after a restart `issued` is stale
 
-    def encode(self) -> bytes:
-        doc = {"v": 1, "epoch": self.epoch, "reserved": self.reserved, "issued": self.issued,
-               "host_boot": self.host_boot}  # fmt: skip
-        data = orjson.dumps(doc)
-        return data + b" " * (META_BYTES - 1 - len(data)) + b"\n"
+    @property
+    def name(self) -> str:
+        return f"{META}{self.epoch}-{self.reserved:020d}-{self.issued:020d}-{self.host_boot}"
 
     @classmethod
-    def decode(cls, data: bytes) -> _Meta:
-        d = orjson.loads(data)
-        meta = cls(d["epoch"], d["reserved"], d["issued"], d["host_boot"])
-        if not (
-            d.get("v") == 1
-            and isinstance(meta.epoch, str)
-            and isinstance(meta.reserved, int)
-            and isinstance(meta.issued, int)
-            and isinstance(meta.host_boot, str)
-            and 0 <= meta.issued <= meta.reserved
-        ):
+    def parse(cls, name: str) -> _Meta:
+        epoch, reserved, issued, host_boot = name.removeprefix(META).split("-", 3)
+        meta = cls(epoch, int(reserved), int(issued), host_boot)
+        if not (len(epoch) == 32 and 0 <= meta.issued <= meta.reserved):
             raise ValueError("unexpected values")
         return meta
 
@@ -319,7 +314,7 @@ class Journal:
         self._segments: list[_Segment] = []
         self._cache: deque[Record] = deque(maxlen=self.options.cache_records)
         self._fd = -1
-        self._meta_fd = -1
+        self._meta_name = ""  # the meta file's current name
         self._to_close: list[int] = []  # rolled segments' fds: the flusher fsyncs and closes
         self._dir_dirty = False
         self._dirty = False
@@ -454,46 +449,53 @@ class Journal:
     # -- the meta file: epoch and seq reservation ---------------------------------------------
 
     def _read_meta(self) -> _Meta | None:
-        path = self.dir / META
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            if any(self.dir.glob(f"*{SUFFIX}")):
-                log.warning("journal %s: no %s file: a new epoch starts", self.dir, META)
-            return None
-        try:
-            return _Meta.decode(data)
-        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
-            log.error(
-                "journal %s: damaged (%s): a new epoch starts; cursors of the old one "
-                "get a `lost` notice",
-                path,
-                exc,
+        found: list[_Meta] = []
+        for path in self.dir.glob(f"{META}*"):
+            try:
+                found.append(_Meta.parse(path.name))
+            except ValueError:
+                log.error("journal %s: damaged meta file %r: ignored", self.dir, path.name)
+                path.unlink(missing_ok=True)
+        if len(found) > 1:  # not made by this code (a rename replaces); the safest is kept
+            found.sort(key=lambda m: m.reserved)
+            for extra in found[:-1]:
+                (self.dir / extra.name).unlink(missing_ok=True)
+        if found:
+            return found[-1]
+        if any(self.dir.glob(f"*{SUFFIX}")):
+            log.warning(
+                "journal %s: no epoch or seq reservation found: a new epoch starts (cursors "
+                "of the old one get a `lost` notice)",
+                self.dir,
             )
-            return None
+        return None
 
     def _start_meta(self, previous: _Meta | None) -> None:
         meta = self._meta
         if previous is not None:
             meta.epoch = previous.epoch
-        self._meta_fd = os.open(self.dir / META, os.O_RDWR | os.O_CREAT, 0o600)
+        self._meta_name = previous.name if previous is not None else ""
         meta.issued = self.last_seq
         meta.reserved = self.last_seq + RESERVE_BLOCK
         self._write_meta(sync=True)
         self._meta_issued_written = self.last_seq
-        self._fsync_dir()
 
     def _write_meta(self, sync: bool) -> bool:
+        new = self._meta.name
         try:
-            os.pwrite(self._meta_fd, self._meta.encode(), 0)
+            if self._meta_name:
+                os.rename(self.dir / self._meta_name, self.dir / new)
+            else:
+                os.close(os.open(self.dir / new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            self._meta_name = new
             if sync:
-                os.fsync(self._meta_fd)
+                self._fsync_dir()
         except OSError as exc:
             if not self._meta_error:
                 log.error(
-                    "journal %s: cannot write %s (%s): a crash now could reuse seqs",
+                    "journal %s: cannot record the seq reservation (%s): a crash now could "
+                    "reuse seqs",
                     self.dir,
-                    META,
                     exc.strerror or exc,
                 )
             self._meta_error = True
@@ -858,7 +860,6 @@ class Journal:
             # Nothing above last_seq was issued: the next start numbers on without a gap.
             self._meta.issued = self._meta.reserved = self.last_seq
             self._write_meta(sync=True)
-            os.close(self._meta_fd)
             os.close(self._lock_fd)
 
     # -- reading ----------------------------------------------------------------------------
