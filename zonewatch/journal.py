@@ -84,7 +84,8 @@ class Gap:
     first: int
     last: int
     reason: GapReason
-    tenants: dict[str, int] | None = None  # the alerts in it per tenant; None: unknown
+    # The alerts in it per tenant (UNKNOWN_COUNT: some, how many unknown); None: unknown.
+    tenants: dict[str, int] | None = None
 
     @property
     def seq(self) -> int:
@@ -233,12 +234,19 @@ def _scan(data: bytes, after: int) -> _Scan:
     return _Scan(records, damaged, pos, trailing)
 
 
-def _count_tenants(records: Iterable[Record], into: dict[str, int]) -> dict[str, int]:
-    """Adds the alerts among `records` to per-tenant counts (gaps were counted as lost
-    where they were made)."""
+UNKNOWN_COUNT = -1  # Gap.tenants: some of this tenant's alerts are in the gap, how many unknown
+
+# A tenant's alerts in a segment: how many, the first's seq, the last's seq.
+TenantSpan = tuple[int, int, int]
+
+
+def _tally(records: Iterable[Record], into: dict[str, TenantSpan]) -> dict[str, TenantSpan]:
+    """Adds the alerts among `records` to per-tenant spans (gaps were counted as lost where
+    they were made)."""
     for r in records:
         if isinstance(r, Alert):
-            into[r.zone.tenant] = into.get(r.zone.tenant, 0) + 1
+            n, lo, _hi = into.get(r.zone.tenant, (0, r.seq, r.seq))
+            into[r.zone.tenant] = (n + 1, lo, r.seq)
     return into
 
 
@@ -252,7 +260,7 @@ class _Segment:
     # (first seq, offset) every INDEX_EVERY records; built on the first read, by the flusher
     # soon after start, or while writing
     index: list[tuple[int, int]] | None = None
-    tenants: dict[str, int] | None = None  # alerts per tenant (None: not scanned yet)
+    tenants: dict[str, TenantSpan] | None = None  # its alerts per tenant (None: not scanned)
     last_seq: int = 0  # the last seq of its last good record (0: not scanned yet)
 
 
@@ -327,7 +335,9 @@ class Journal:
         self._roll_refused = False
         self._written_seq = 0  # the newest seq wholly on disk
         self._tenant_last: dict[str, int] = {}  # the newest seq of each tenant's alerts
-        self._dropped: deque[tuple[int, int, dict[str, int] | None]] = deque(maxlen=DROPPED_KEPT)
+        self._dropped: deque[tuple[int, int, dict[str, TenantSpan] | None]] = deque(
+            maxlen=DROPPED_KEPT
+        )
         self._meta = _Meta(uuid.uuid4().hex, 0, 0, host_boot_id())
         self._meta_issued_written = 0
         self._meta_error = False
@@ -393,7 +403,7 @@ class Journal:
         active.size, active.count = scan.end, len(records)
         active.index = [(first_of(r), pos) for i, (r, pos) in enumerate(scan.records)
                         if i % INDEX_EVERY == 0]  # fmt: skip
-        active.tenants = _count_tenants(records, {})
+        active.tenants = _tally(records, {})
         self._cache.extend(_with_damage(records, active.first_seq - 1, scan))
         disk_last = records[-1].seq if records else active.first_seq - 1
         active.last_seq = disk_last
@@ -634,7 +644,7 @@ class Journal:
         active.count += 1
         active.size += size
         active.last_seq = self._written_seq = record.seq
-        _count_tenants((record,), active.tenants)
+        _tally((record,), active.tenants)
 
     def _failed_locked(self, exc: OSError) -> None:
         h = self.health
@@ -683,8 +693,9 @@ class Journal:
             if gap is None:
                 gap = Gap(first_of(record), record.seq, GapReason.NOT_WRITTEN, {})
             gap.last = record.seq
-            if gap.tenants is not None:
-                _count_tenants((record,), gap.tenants)
+            if gap.tenants is not None and isinstance(record, Alert):
+                tenant = record.zone.tenant
+                gap.tenants[tenant] = gap.tenants.get(tenant, 0) + 1
             dropped += isinstance(record, Alert)
         if gap is not None:
             line = encode_gap(gap)
@@ -752,17 +763,23 @@ class Journal:
             self._dir_dirty = True
 
     def _retention_gap(self, first: int, last: int) -> Gap:
-        """Seqs first..last that retention dropped, with their tenants when known."""
+        """Seqs first..last that retention dropped, with their tenants when known (a
+        segment that begins before `first` tells a tenant's count only when its alerts
+        there are all before or all after `first`)."""
         tenants: dict[str, int] | None = {}
         covered = first
-        for lo, hi, counts in self._dropped:
+        for lo, hi, spans in self._dropped:
             if hi < first or lo > last:
                 continue
-            if lo > covered or counts is None or tenants is None:
+            if lo > covered or spans is None or tenants is None:
                 tenants = None
                 break
-            for t, n in counts.items():
-                tenants[t] = tenants.get(t, 0) + n
+            for t, (n, t_first, t_last) in spans.items():
+                if t_last < first:
+                    continue  # all before the gap: not lost
+                had = tenants.get(t, 0)
+                partly = t_first < first or had == UNKNOWN_COUNT
+                tenants[t] = UNKNOWN_COUNT if partly else had + n
             covered = hi + 1
         if covered <= last:
             tenants = None
@@ -948,7 +965,7 @@ class Journal:
             if segment.index is None:  # else another reader was first
                 self._note_damaged(segment.path, scan)
                 segment.size, segment.count = scan.end, len(records)
-                segment.tenants = _count_tenants(records, {})
+                segment.tenants = _tally(records, {})
                 segment.last_seq = records[-1].seq if records else segment.first_seq - 1
                 self._note_tenants(records)
                 segment.index = index

@@ -45,7 +45,7 @@ from zonewatch.api.filters import AlertMatcher, AllowDeny, matcher_from_pb, scop
 from zonewatch.api.gen.zonewatch.v1 import zonewatch_pb2 as pb
 from zonewatch.api.gen.zonewatch.v1 import zonewatch_pb2_grpc as pb_grpc
 from zonewatch.errors import ConfigError
-from zonewatch.journal import Gap, GapReason, Journal, first_of
+from zonewatch.journal import UNKNOWN_COUNT, Gap, GapReason, Journal, first_of
 from zonewatch.model import Alert, Zone, ZoneStats
 
 log = logging.getLogger(__name__)
@@ -391,9 +391,13 @@ class AlertServicer:
         elif gap.tenants is None:
             lost.count_unknown = True
         else:
-            lost.count = sum(n for t, n in gap.tenants.items() if sub.principal.may_see(t))
-            if not lost.count:
+            own = [n for t, n in gap.tenants.items() if sub.principal.may_see(t)]
+            if UNKNOWN_COUNT in own:
+                lost.count_unknown = True
+            elif not sum(own):
                 return None
+            else:
+                lost.count = sum(own)
         data: bytes = pb.SubscribeResponse(
             cursor=self.hub.cursor(sub.cursor), lost=lost
         ).SerializeToString()
