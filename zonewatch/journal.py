@@ -236,8 +236,9 @@ def _scan(data: bytes, after: int) -> _Scan:
 
 UNKNOWN_COUNT = -1  # Gap.tenants: some of this tenant's alerts are in the gap, how many unknown
 
-# A tenant's alerts in a segment: how many, the first's seq, the last's seq.
-TenantSpan = tuple[int, int, int]
+# A tenant's alerts in a segment: [how many, the first's seq, the last's seq] (a list:
+# updated in place on the append path).
+TenantSpan = list[int]
 
 
 def _tally(records: Iterable[Record], into: dict[str, TenantSpan]) -> dict[str, TenantSpan]:
@@ -245,8 +246,12 @@ def _tally(records: Iterable[Record], into: dict[str, TenantSpan]) -> dict[str, 
     they were made)."""
     for r in records:
         if isinstance(r, Alert):
-            n, lo, _hi = into.get(r.zone.tenant, (0, r.seq, r.seq))
-            into[r.zone.tenant] = (n + 1, lo, r.seq)
+            span = into.get(r.zone.tenant)
+            if span is None:
+                into[r.zone.tenant] = [1, r.seq, r.seq]
+            else:
+                span[0] += 1
+                span[2] = r.seq
     return into
 
 
@@ -624,6 +629,9 @@ class Journal:
         """Account `written` bytes to the waiting lines they completed."""
         if written:
             self._dirty = True  # the flusher thread fsyncs: appends never wait for the disk
+        if not self._head_written and written == self.health.backlog_bytes:
+            self._commit_all_locked(active)  # the usual case: everything went in one write
+            return
         while written and self._pending:
             record, line = self._pending[0]
             need = len(line) - self._head_written
@@ -635,6 +643,22 @@ class Journal:
             self.health.backlog_bytes -= len(line)
             self._head_written = 0
             self._pending.popleft()
+
+    def _commit_all_locked(self, active: _Segment) -> None:
+        assert active.index is not None
+        assert active.tenants is not None
+        count, size = active.count, active.size
+        index, tenants = active.index, active.tenants
+        for record, line in self._pending:
+            if count % INDEX_EVERY == 0:
+                index.append((first_of(record), size))
+            count += 1
+            size += len(line)
+        _tally((r for r, _line in self._pending), tenants)
+        active.count, active.size = count, size
+        active.last_seq = self._written_seq = self._pending[-1][0].seq
+        self._pending.clear()
+        self.health.backlog_bytes = 0
 
     def _commit_record(self, active: _Segment, record: Record, size: int) -> None:
         assert active.index is not None
