@@ -117,7 +117,7 @@ def _grpc_rate(tmp: Path, subscribers: int) -> float:
             queue_bound=N + 1,
             queue_bytes=1 << 40,
             token_queue_bytes=1 << 40,
-        ),  # fmt: skip
+        ),
         journal,
     ).start()
     delivery = Delivery(journal, [], server)
