@@ -209,28 +209,36 @@ class _Scan:
 
 def _scan(data: bytes, after: int) -> _Scan:
     """Every whole line of `data`; `after` is the seq before the first line. A record whose
-    first seq does not follow the previous record's last is damaged too."""
-    records: list[tuple[Record, int]] = []
-    damaged: list[int] = []
-    trailing = 0
+    first seq does not follow the previous record's last is damaged too, and so is one that
+    jumps ahead when the next record follows the one before it (a damaged seq field: one bad
+    digit must not make the good records after it look out of order)."""
+    lines: list[tuple[int, Record | None]] = []
     pos = 0
-    prev = after
     while pos < len(data):
         end = data.find(b"\n", pos)
         if end < 0:
             break
         try:
-            record = decode_record(data[pos : end + 1])
-            if first_of(record) <= prev:
-                raise ValueError("out of order")
+            lines.append((pos, decode_record(data[pos : end + 1])))
         except ValueError:
-            damaged.append(pos)
-            trailing += 1
-        else:
-            records.append((record, pos))
+            lines.append((pos, None))
+        pos = end + 1
+    records: list[tuple[Record, int]] = []
+    damaged: list[int] = []
+    trailing = 0
+    prev = after
+    for i, (offset, record) in enumerate(lines):
+        ok = record is not None and first_of(record) > prev
+        if ok and record is not None and first_of(record) > prev + 1 and i + 1 < len(lines):
+            following = lines[i + 1][1]
+            ok = following is None or first_of(following) != prev + 2
+        if ok and record is not None:
+            records.append((record, offset))
             prev = record.seq
             trailing = 0
-        pos = end + 1
+        else:
+            damaged.append(offset)
+            trailing += 1
     return _Scan(records, damaged, pos, trailing)
 
 

@@ -328,6 +328,20 @@ def test_a_damaged_line_in_the_active_segment_is_skipped_and_nothing_after_it_is
     j.close()
 
 
+def test_a_damaged_seq_field_costs_that_record_only(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.append([make_alert(i) for i in range(10)])
+    j.close()
+    (segment,) = tmp_path.glob("*.seg")
+    data = segment.read_bytes()
+    segment.write_bytes(data.replace(b'{"seq":5,', b'{"seq":9,'))  # valid JSON, wrong seq
+    j = Journal(tmp_path, JournalOptions(cache_records=0))
+    records = read_all(j)
+    assert records[4] == Gap(5, 5, GapReason.DAMAGED)
+    assert [r.seq for r in records if isinstance(r, Alert)] == [1, 2, 3, 4, 6, 7, 8, 9, 10]
+    j.close()
+
+
 def test_a_damaged_last_line_becomes_a_gap_record_and_is_not_reused(tmp_path: Path) -> None:
     j = Journal(tmp_path)
     j.append([make_alert(i) for i in range(3)])
