@@ -475,3 +475,26 @@ def test_tenant_last_seqs(tmp_path: Path) -> None:
     j = Journal(tmp_path)  # recovered from the active segment
     assert j.last_seq_of(frozenset({"globex", "initech"})) == 2
     j.close()
+
+
+def test_retention_gaps_count_a_tenant_only_when_its_alerts_are_wholly_inside(
+    tmp_path: Path,
+) -> None:
+    j = Journal(tmp_path, JournalOptions(segment_bytes=2048, max_bytes=4096, cache_records=0))
+    j.append([make_alert(0, "acme"), make_alert(1, "globex"), make_alert(2, "acme")])  # 1-3
+    for i in range(60):
+        j.append([make_alert(i, "globex")])
+    first = j.first_seq
+    assert first > 4
+    whole = j.read_after(0).records[0]  # every alert of the dropped segments
+    assert isinstance(whole, Gap)
+    assert whole.tenants is not None and whole.tenants["acme"] == 2
+    straddling = j.read_after(1).records[0]  # acme's seq 1 is before it, 3 inside
+    assert isinstance(straddling, Gap)
+    assert straddling.tenants is not None
+    assert straddling.tenants["acme"] == journal_mod.UNKNOWN_COUNT
+    after = j.read_after(3).records[0]  # all of acme's are before it: none lost
+    assert isinstance(after, Gap)
+    assert after.tenants is not None and "acme" not in after.tenants
+    assert after.tenants["globex"] == journal_mod.UNKNOWN_COUNT  # its seq 2 is before it
+    j.close()
