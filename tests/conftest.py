@@ -64,5 +64,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     lines = [f"{len(unexpected)} skip(s) not in {SKIP_ALLOWLIST.relative_to(TESTS.parent)}:"]
     lines += [f"  {t}: {r}" for t, r in unexpected]
     if reporter is not None:
+        reporter.ensure_newline()
         reporter.write_line("\n".join(lines), red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
