@@ -474,6 +474,7 @@ def remove_sandbox_files(sandbox_id: str) -> None:
         raise LabError(sandbox_id, "is not a sandbox id")
     for root in (VM_ROOT, SHARED_ROOT, BUNDLE_ROOT):
         shutil.rmtree(root / sandbox_id, ignore_errors=True)
+    remove_empty_roots()
 
 
 def remove_sandbox(sandbox: Sandbox) -> None:
