@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from zonewatch.lab import kata, taps
 from zonewatch.lab.assets import GuestAssets
@@ -189,6 +190,9 @@ def test_two_kata_zones_and_a_plain_zone_side_by_side(lab: Lab) -> None:
             str(zone.bundle_config), "tap0_kata")  # fmt: skip
         assert entry["virtiofsd_pids"] == zone.virtiofsd_pids
     assert status["zone-p"]["layout"] == "plain"
+    tenants = {t["name"]: t["zones"] for t in yaml.safe_load(lab.tenants_yaml())["tenants"]}
+    assert tenants == {"acme": ["pod-a", pod_a.sandbox_id, "zone-p"],
+                       "globex": ["pod-b", pod_b.sandbox_id]}  # fmt: skip
 
     traces = [KataTraces.of(zone) for zone in (pod_a, pod_b)]
     lab.stop_all()

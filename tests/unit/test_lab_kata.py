@@ -16,6 +16,7 @@ from zonewatch.errors import ConfigError
 from zonewatch.lab import kata, taps
 from zonewatch.lab.assets import INIT_SCRIPT, GuestAssets
 from zonewatch.lab.cli import status_table
+from zonewatch.lab.lab import tenant_entries
 from zonewatch.lab.qemu import QEMU_BINARY, QemuZone, ZoneSpec, zone_env
 from zonewatch.lab.state import LabError, ZoneRecord
 
@@ -207,6 +208,10 @@ def test_records_of_either_layout_and_of_older_labs_read_back(tmp_path: Path) ->
     assert (status["layout"], status["sandbox_id"], status["netns_path"], status["pod_ip"]) == (
         "kata", sid, "/run/netns/zw-kata-0", "10.216.0.2")  # fmt: skip
     assert status["virtiofsd_pids"] == []
+    # The tenants file names a kata zone by its sandbox id too (Kata's QEMU says only that).
+    assert record.known_names() == ("zone-a",)
+    assert tenant_entries([record, kata_record]) == [
+        ("zone-a", "acme"), ("zone-a", "acme"), (sid, "acme")]  # fmt: skip
 
 
 def test_lab_status_table_fits_80_columns_and_the_cli_takes_layout_and_json() -> None:

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if command == "tenants":
         live = [r for r in read_records(state_dir) if r.alive()]
-        print(lab.tenants_yaml((r.name, r.tenant) for r in live), end="")
+        print(lab.tenants_yaml(lab.tenant_entries(live)), end="")
         return 0
     if command == "down":
         stopped = lab.lab_down(state_dir)

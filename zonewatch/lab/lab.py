@@ -31,6 +31,7 @@ from zonewatch.lab.assets import READY_MARKER, GuestAssets, ensure_assets
 from zonewatch.lab.qemu import Accel, QemuZone, ZoneSpec
 from zonewatch.lab.state import (
     LabError,
+    ZoneRecord,
     find_processes,
     kill_process,
     read_records,
@@ -62,6 +63,11 @@ def tenants_yaml(zones: Iterable[tuple[str, str]]) -> str:
             lines.append(f"  - name: {json.dumps(tenant)}")
             lines.append(f"    zones: [{', '.join(json.dumps(n) for n in names)}]")
     return "\n".join(lines) + "\n"
+
+
+def tenant_entries(records: Iterable[ZoneRecord]) -> list[tuple[str, str]]:
+    """(zone name, tenant) for every name each zone may be known by (see known_names)."""
+    return [(name, r.tenant) for r in records for name in r.known_names()]
 
 
 def wait_all_ready(
@@ -204,7 +210,7 @@ class Lab:
             raise first
 
     def tenants_yaml(self) -> str:
-        return tenants_yaml((z.name, z.tenant) for z in self._zones.values())
+        return tenants_yaml(tenant_entries(z.record for z in self._zones.values()))
 
     def write_tenants(self, path: Path) -> Path:
         path.write_text(self.tenants_yaml())
@@ -230,7 +236,7 @@ def _write_tenants_file(root: Path) -> None:
     path = root / TENANTS_FILE
     if records:
         tmp = path.with_name(f".{TENANTS_FILE}.{os.getpid()}")
-        tmp.write_text(tenants_yaml((r.name, r.tenant) for r in records))
+        tmp.write_text(tenants_yaml(tenant_entries(records)))
         tmp.replace(path)
     else:
         with contextlib.suppress(FileNotFoundError):

@@ -105,6 +105,11 @@ class ZoneRecord:
     def alive(self) -> bool:
         return pid_alive(self.pid, self.start_time)
 
+    def known_names(self) -> tuple[str, ...]:
+        """The names the agent may know the zone by: its lab name and, for a kata zone, its
+        sandbox id (what Kata's QEMU command line names it by). The tenants file has both."""
+        return (self.name, self.sandbox_id) if self.sandbox_id else (self.name,)
+
     def status(self) -> dict[str, Any]:
         """The shape `lab status` prints for a zone; a kata zone adds its sandbox's places
         and the pids of its virtiofsd processes (found now)."""
