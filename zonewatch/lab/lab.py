@@ -264,8 +264,9 @@ def lab_up(
 
 
 def lab_status(state_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Every recorded zone: name, tenant, index, pid, alive, tap, host_ip, guest_ip, share,
-    console."""
+    """Every recorded zone: name, tenant, index, pid, alive, layout, tap, host_link, host_ip,
+    guest_ip, share, console; a kata zone's also sandbox_id, netns, netns_path, pod_ip,
+    bundle, qmp, virtiofsd_pids (see ZoneRecord.status)."""
     return [r.status() for r in read_records(state_dir)]
 
 
