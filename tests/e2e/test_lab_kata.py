@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from zonewatch.errors import EnvironmentProblem
 from zonewatch.lab import kata, taps
 from zonewatch.lab.assets import GuestAssets
 from zonewatch.lab.lab import Lab, cleanup_leftovers, lab_down, lab_status
@@ -279,6 +280,26 @@ def test_kata_leftovers_of_a_killed_run_are_cleaned(lab_assets: GuestAssets) -> 
         cleanup_leftovers()
     assert trace.left() == []
     assert not (state_root() / "pod-orphan").exists()
+
+
+def test_a_kata_zone_that_cannot_start_leaves_nothing(lab: Lab) -> None:
+    """The pod's /30 is taken on the host: the start fails with one clear line, before QEMU
+    or virtiofsd, and undoes what it made (its recorded sandbox, folders, namespace)."""
+    squatter = "zwkdummy11"
+    subprocess.run(["ip", "tuntap", "add", "dev", squatter, "mode", "tap"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.216.11.1/30", "dev", squatter], check=True)
+        with pytest.raises(EnvironmentProblem, match=r"zwkdummy11: already holds 10\.216\.11\.1"):
+            lab.start([ZoneSpec("pod-bad", "acme", "true", index=11, layout="kata")])
+        assert lab.zones == ()
+        assert not Path(NETNS_DIR, "zw-kata-11").exists()
+        assert not taps.tap_exists("zwkata11")
+        assert not (state_root() / "pod-bad").exists()
+        for root in (kata.VM_ROOT, kata.SHARED_ROOT, kata.BUNDLE_ROOT):
+            assert not root.exists() or list(root.iterdir()) == []
+        assert find_processes(lambda argv: "pod-bad" in " ".join(argv)) == []
+    finally:
+        subprocess.run(["ip", "link", "del", squatter], check=False)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
