@@ -34,6 +34,7 @@ from zonewatch.lab.state import (
 )
 
 pytestmark = pytest.mark.e2e
+TOP_FOLDERS = [Path("/run/vc"), Path("/run/kata-containers"), Path("/run/containerd")]
 
 WORKLOAD = """\
 set -e
@@ -102,6 +103,7 @@ def thread_names(pid: int) -> set[str]:
 
 
 def test_two_kata_zones_and_a_plain_zone_side_by_side(lab: Lab) -> None:
+    tops_before = [p for p in TOP_FOLDERS if p.exists()]
     pod_a, pod_b, plain = lab.start(
         [
             ZoneSpec("pod-a", "acme", WORKLOAD, index=0, layout="kata"),
@@ -204,7 +206,8 @@ def test_two_kata_zones_and_a_plain_zone_side_by_side(lab: Lab) -> None:
     for trace in traces:
         assert trace.left() == []
     assert not taps.tap_exists("zwtap2")
-    assert not kata.VM_ROOT.exists() and not kata.SHARED_ROOT.exists()
+    # The folders above the sandboxes' go too, unless they were there before.
+    assert [p for p in TOP_FOLDERS if p.exists()] == tops_before
 
 
 def test_lab_up_kata_from_the_cli_then_lab_down(lab_assets: GuestAssets, tmp_path: Path) -> None:
@@ -224,6 +227,12 @@ def test_lab_up_kata_from_the_cli_then_lab_down(lab_assets: GuestAssets, tmp_pat
             capture_output=True, text=True, timeout=30, check=True,
         )  # fmt: skip
         (listed,) = json.loads(status.stdout)
+        table = subprocess.run(
+            [sys.executable, "-m", "zonewatch", "lab", "status"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.splitlines()  # fmt: skip
+        assert table[1].split() == [zone["name"], zone["tenant"], "kata", str(zone["pid"]),
+                                    "yes", zone["host_link"], zone["guest_ip"]]  # fmt: skip
         assert listed["sandbox_id"] == zone["sandbox_id"]
         assert listed["pid"] == zone["pid"]
         # The `lab up` process is gone; QEMU and virtiofsd live on in sessions of their own.

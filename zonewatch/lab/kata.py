@@ -70,6 +70,7 @@ VM_ROOT = Path("/run/vc/vm")
 SHARED_ROOT = Path("/run/kata-containers/shared/sandboxes")
 BUNDLE_ROOT = Path("/run/containerd/io.containerd.runtime.v2.task/k8s.io")
 SANDBOX_FILE = "sandbox.json"
+_RUN = Path("/run")  # the sandbox folders' empty parents are removed up to here
 # The lab's own annotation: which lab state root made the sandbox (what lab_down recognises).
 STATE_ANNOTATION = "io.zonewatch.lab.state-dir"
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
@@ -493,12 +494,17 @@ def remove_sandboxes_by_id(sandbox_ids: list[str]) -> None:
 
 
 def remove_empty_roots() -> None:
-    """The parents of sandbox folders, when the lab left them empty (a real Kata's or
-    containerd's are never empty, and rmdir leaves non-empty ones alone)."""
-    for folder in (VM_ROOT, VM_ROOT.parent, SHARED_ROOT, SHARED_ROOT.parent, BUNDLE_ROOT,
-                   BUNDLE_ROOT.parent, BUNDLE_ROOT.parent.parent):  # fmt: skip
-        try:
-            folder.rmdir()
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY):
+    """The folders above the sandboxes' (up to /run), where the lab left them empty: a real
+    Kata's or containerd's are never empty, and rmdir leaves non-empty ones alone."""
+    for root in (VM_ROOT, SHARED_ROOT, BUNDLE_ROOT):
+        for folder in (root, *root.parents):
+            if folder == _RUN:
+                break
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY):
+                    break
                 raise
