@@ -332,9 +332,15 @@ def delete_pod_network(net: PodAddressing) -> None:
     if taps.tap_exists(net.host_link):
         taps.delete_tap(net.host_link)
     if netns_exists(net.netns):
-        with contextlib.suppress(LabError):
-            _run(["ip", "-n", net.netns, "link", "del", KATA_TAP], net.netns)
-        _run(["ip", "netns", "del", net.netns], net.netns)
+        _delete_netns(net.netns)
+
+
+def _delete_netns(netns: str) -> None:
+    """Delete the pod's tap, then the namespace (its name; the namespace itself goes with
+    the last process in it, which is why QEMU is stopped first)."""
+    with contextlib.suppress(LabError):  # already gone with its namespace
+        _run(["ip", "-n", netns, "link", "del", KATA_TAP], netns)
+    _run(["ip", "netns", "del", netns], netns)
 
 
 def lab_netns_names() -> list[str]:
@@ -349,9 +355,7 @@ def delete_lab_networks() -> None:
     """Delete every lab pod's veth and namespace (what `lab down` sweeps, by name)."""
     taps.delete_taps(HOST_LINK_PREFIX)
     for netns in lab_netns_names():
-        with contextlib.suppress(LabError):
-            _run(["ip", "-n", netns, "link", "del", KATA_TAP], netns)
-        _run(["ip", "netns", "del", netns], netns)
+        _delete_netns(netns)
 
 
 # --- processes ------------------------------------------------------------------------------
