@@ -205,6 +205,18 @@ def test_paced_exits_are_counted_and_rate_held(microvm: MicroVmFactory) -> None:
 
 
 @requires_kvm
+def test_unnamed_threads_all_keep_the_process_comm(microvm: MicroVmFactory) -> None:
+    """As Kata's QEMU without debug-threads: no thread name tells the vCPU apart."""
+    vm = microvm("kata-like", rate=500, unnamed_threads=True)
+    stats = vm.wait_stats(lambda s: s["vcpu_tid"] and s["iterations"] > 0, timeout=15)
+    assert "--unnamed-threads" in cmdline(vm.pid)
+    comms = thread_comms(vm.pid)
+    assert stats["vcpu_tid"] in comms and stats["vcpu_tid"] != vm.pid
+    assert set(comms.values()) == {mv.PROCESS_COMM}, comms
+    assert_consistent(stats, 1, 1)
+
+
+@requires_kvm
 def test_rate_zero_runs_flat_out(microvm: MicroVmFactory) -> None:
     vm = microvm("flat", rate=0, pio_per_iter=1, mmio_per_iter=1)
     stats = vm.wait_stats(lambda s: s["elapsed_s"] >= 1.0, timeout=15)
