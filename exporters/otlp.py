@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -44,14 +42,15 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from zonewatch import __version__
+from zonewatch.exporters import attack
 from zonewatch.exporters.base import JsonRecord
+from zonewatch.exporters.identity import rule_uid
 from zonewatch.model import Alert, Severity, Zone, ZoneStats, utf8_all, utf8_text
 
 log = logging.getLogger(__name__)
 
 EVENT_NAME = "zonewatch.alert"
 SCOPE = "zonewatch"
-RULE_NAMESPACE = uuid.UUID("5b0c3d4e-6f1a-4c8b-9e2d-7a1f0c3b5d6e")  # security_rule.uuid
 SEVERITY_NUMBER = {
     Severity.INFO: SeverityNumber.INFO,
     Severity.LOW: SeverityNumber.WARN,
@@ -77,8 +76,6 @@ EVIDENCE_ATTRIBUTES = {
     "net.tap": "network.interface.name",
     "net.dns_qname": "dns.question.name",
 }
-MITRE = re.compile(r"^T\d{4}(\.\d{3})?$")
-MATURITY_PREFIX = "maturity_"
 _MUTED = (
     "opentelemetry.exporter.otlp",  # per-retry warnings and per-batch errors
     "opentelemetry.sdk._shared_internal",  # "Queue full, dropping" once per record
@@ -90,18 +87,16 @@ def rule_attributes(alert: Alert) -> dict[str, Any]:
     """security_rule.*: tags start with maturity, then domain, then MITRE ids."""
     attrs: dict[str, Any] = {
         "security_rule.name": alert.rule,
-        "security_rule.uuid": str(uuid.uuid5(RULE_NAMESPACE, alert.rule)),
+        "security_rule.uuid": rule_uid(alert.rule),
         "security_rule.ruleset.name": "zonewatch",
         "security_rule.version": str(alert.evidence.get("rule.version", "1")),
     }
-    domains = [t for t in alert.tags if not t.startswith(MATURITY_PREFIX) and not MITRE.match(t)]
+    domains = attack.domains(alert.tags)
     if domains:
         attrs["security_rule.category"] = domains[0]
-    mitre = [t for t in alert.tags if MITRE.match(t)]
+    mitre = [t for t in alert.tags if attack.TECHNIQUE.match(t)]
     if mitre:
-        attrs["security_rule.reference"] = (
-            f"https://attack.mitre.org/techniques/{mitre[0].replace('.', '/')}/"
-        )
+        attrs["security_rule.reference"] = attack.url(mitre[0])
     return attrs
 
 
