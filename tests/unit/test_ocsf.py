@@ -28,6 +28,7 @@ from zonewatch.api import convert
 from zonewatch.api.gen.zonewatch.v1 import zonewatch_pb2 as pb
 from zonewatch.exporters.identity import HostIdentity
 from zonewatch.exporters.ocsf import OCSF_VERSION, OcsfSink, finding
+from zonewatch.journal import Journal
 from zonewatch.model import Alert, KvmEvent, Lost, Severity, ZoneRef, ZoneStats
 from zonewatch.rules.engine import RuleContext, RuleEngine
 from zonewatch.rules.fields import FIELDS, Lookups
@@ -270,24 +271,37 @@ def test_every_technique_and_tactic_the_default_rules_name_has_its_name() -> Non
                     assert item[part].get("name"), (alert.rule, item[part])
 
 
-def test_ids_are_stable_for_an_alert_and_never_shared_by_two_hosts() -> None:
+def test_ids_are_stable_for_an_alert_and_never_shared_by_two_hosts(tmp_path: Path) -> None:
     """Two agents (host names, machine ids, boot ids, journals of their own) each number
-    their alerts from 1: no finding id or correlation id is shared between them, while the
-    same alert exported again keeps its ids."""
+    the same alerts from 1 in their journal: no finding id or correlation id is shared
+    between them, while an alert read back from its journal and exported again keeps its
+    ids."""
     other = HostIdentity("node-b", "fedcba9876543210fedcba9876543210", "b00711", "6.18.0")
-    alerts = fixture_alerts()
-    mine = _write_and_read(alerts, HOST)
-    theirs = _write_and_read(alerts, other)  # the same seqs, rules, zones and times
-    ids = [f["finding_info"]["uid"] for f in mine + theirs]
-    assert len(set(ids)) == len(ids) == 2 * len(alerts)
-    mine_corr = {f["metadata"]["correlation_uid"] for f in mine}
-    theirs_corr = {f["metadata"]["correlation_uid"] for f in theirs}
-    assert not mine_corr & theirs_corr
-    again = _write_and_read(alerts, HOST)
-    assert [f["finding_info"]["uid"] for f in again] == [f["finding_info"]["uid"] for f in mine]
+    exported: dict[HostIdentity, list[dict[str, Any]]] = {}
+    journals: dict[HostIdentity, Journal] = {}
+    for host in (HOST, other):
+        journal = journals[host] = Journal(tmp_path / host.hostname)
+        alerts = [dataclasses.replace(a, seq=0) for a in fixture_alerts()]
+        journal.append(alerts)  # numbers them 1..n, as each agent does
+        assert [a.seq for a in alerts] == list(range(1, len(alerts) + 1))
+        exported[host] = _write_and_read(alerts, host)
+    try:
+        ids = [f["finding_info"]["uid"] for fs in exported.values() for f in fs]
+        assert len(set(ids)) == len(ids) == 2 * len(fixture_alerts())
+        corr = [{f["metadata"]["correlation_uid"] for f in fs} for fs in exported.values()]
+        assert not corr[0] & corr[1]
+        replayed = journals[HOST].read_after(0, limit=len(ids)).alerts
+        again = _write_and_read(replayed, HOST)
+        assert [f["finding_info"]["uid"] for f in again] == [
+            f["finding_info"]["uid"] for f in exported[HOST]
+        ]
+    finally:
+        for journal in journals.values():
+            journal.close()
     # A seq issued again (a wiped journal) at another time is another finding.
-    reissued = dataclasses.replace(alerts[0], ts_ns=alerts[0].ts_ns + 1)
-    assert finding(reissued, HOST)["finding_info"]["uid"] != mine[0]["finding_info"]["uid"]
+    first = exported[HOST][0]
+    reissued = dataclasses.replace(fixture_alerts()[0], seq=1, ts_ns=fixture_alerts()[0].ts_ns + 1)
+    assert finding(reissued, HOST)["finding_info"]["uid"] != first["finding_info"]["uid"]
 
 
 def test_correlation_uid_groups_one_rule_on_one_zone() -> None:
