@@ -2,11 +2,11 @@
 
 Ids of findings are deterministic, host-scoped UUIDs (UUIDv5): the same alert exported again
 (a re-export of the journal, a second sink) keeps its id, so a SIEM de-duplicates it, while
-two hosts never share one. The host part is the machine id (/etc/machine-id: stable across
-reboots, as the journal and its seq are; the boot id is not, so an alert re-exported after a
-reboot would change id); the alert part is its seq and its timestamp in ns, so even a seq a
-wiped journal issues again, or a machine id cloned with a VM image, yields a new id unless
-both also fall on the same nanosecond.
+two hosts never share one. The host part is the machine id (/etc/machine-id) and the host
+name: both outlive a reboot, as the journal and its seqs do (the boot id does not: an alert
+re-exported after a reboot would change id), and the name still tells apart hosts cloned
+from one image (same machine id) or a container without a machine id. The alert part is its
+seq and its timestamp in ns, so a seq a wiped journal issues again is a new finding.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 @dataclass(frozen=True, slots=True)
 class HostIdentity:
     hostname: str
-    machine_id: str  # "" when the host has none (then the hostname scopes the ids)
+    machine_id: str  # "" when the host (or the agent's container) has none
     boot_id: str
     kernel_release: str
 
     @property
-    def uid(self) -> str:
-        """The host's stable id: its machine id, else its name."""
-        return self.machine_id or self.hostname
+    def scope(self) -> str:
+        """What makes this host's ids its own: machine id and name."""
+        return f"{self.machine_id}\0{self.hostname}"
 
     @classmethod
     def current(cls) -> HostIdentity:
@@ -61,9 +61,9 @@ def rule_uid(rule: str) -> str:
 
 
 def finding_uid(host: HostIdentity, seq: int, ts_ns: int) -> str:
-    return str(uuid.uuid5(FINDING_NAMESPACE, f"{host.uid}\0{seq}\0{ts_ns}"))
+    return str(uuid.uuid5(FINDING_NAMESPACE, f"{host.scope}\0{seq}\0{ts_ns}"))
 
 
 def correlation_uid(host: HostIdentity, rule: str, zone_id: str) -> str:
     """One id for every finding of one rule on one zone incarnation of one host."""
-    return str(uuid.uuid5(CORRELATION_NAMESPACE, f"{host.uid}\0{rule}\0{zone_id}"))
+    return str(uuid.uuid5(CORRELATION_NAMESPACE, f"{host.scope}\0{rule}\0{zone_id}"))

@@ -304,6 +304,15 @@ def test_ids_are_stable_for_an_alert_and_never_shared_by_two_hosts(tmp_path: Pat
     assert finding(reissued, HOST)["finding_info"]["uid"] != first["finding_info"]["uid"]
 
 
+def test_hosts_cloned_from_one_image_or_without_a_machine_id_do_not_collide() -> None:
+    clone = HostIdentity("node-c", HOST.machine_id, "b00712", "6.18.0")  # same machine id
+    bare = [HostIdentity(name, "", "b0", "6.18.0") for name in ("node-d", "node-e")]
+    alerts = fixture_alerts()
+    ids = [finding(a, h)["finding_info"]["uid"] for h in (HOST, clone, *bare) for a in alerts]
+    assert len(set(ids)) == len(ids) == 4 * len(alerts)
+    assert "uid" not in finding(alerts[0], bare[0])["device"]  # no machine id: none claimed
+
+
 def test_correlation_uid_groups_one_rule_on_one_zone() -> None:
     a, b = make_alert(1), make_alert(2)
     c = make_alert(3, rule="other_rule")
