@@ -7,7 +7,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
+import shutil
+import subprocess
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -17,10 +20,11 @@ from zonewatch.exporters.prometheus import (
     ZONE_COUNTERS,
     ZONE_GAUGES,
     ZONE_HISTOGRAMS,
+    AgentHealth,
     PrometheusSink,
     zone_label,
 )
-from zonewatch.model import Alert, Severity, ZoneRef, ZoneStats
+from zonewatch.model import Alert, Lost, Severity, ZoneRef, ZoneStats
 
 ZONE = ZoneRef("qemu-1-2", "zone-a", "acme", "qemu")
 BOUNDED_LABELS = {"zone", "tenant", "vmm", "reason", "severity", "source", "probe", "queue", "le"}
@@ -244,3 +248,26 @@ def test_latency_histograms_add_up_the_snapshots_windows() -> None:
     names = {s.name for s in scrape(sink)}
     assert "zonewatch_zone_kvm_exit_latency_seconds_bucket" in names
     assert "zonewatch_zone_kvm_exit_latency_seconds_sum" not in names
+
+
+def test_promtool_finds_no_problem_in_a_populated_exposition() -> None:
+    """promtool's lint on every family the sink serves (the live agent's /metrics is
+    checked the same way in tests/e2e/test_dashboards.py)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("Debian's prometheus (promtool) is not installed (make setup installs it)")
+    sink = PrometheusSink(None)
+    unnamed = ZoneRef("qemu-4242-99", "qemu-4242", "globex", "qemu")
+    hist = {"4096": 3, "65536": 1}
+    hists = {"run_delay_hist_ns": hist, "exit_latency_hist_ns": hist, "vmm_latency_hist_ns": hist}
+    sink.update_stats(
+        [dataclasses.replace(stats(), **hists), dataclasses.replace(stats(), zone=unnamed)]
+    )
+    sink.export([Alert(1, ZONE, "r", Severity.LOW, "s"), Lost(1, "ringbuf", 2)])
+    sink.health = lambda: AgentHealth(events=5, probes=("kvm",), queue_depths={"grpc": 0})
+    sink.observe_rule_latency(0.001)
+    exposition = generate_latest(sink.registry)
+    lint = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert (lint.returncode, lint.stdout + lint.stderr) == (0, b""), lint
+    assert b"zonewatch_zone_sched_run_delay_seconds_sum" in exposition
