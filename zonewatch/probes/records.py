@@ -582,10 +582,20 @@ class ZwFlowStats(ctypes.Structure):
     )
 
 
+class ZwNetIfKey(ctypes.Structure):
+    _fields_ = (
+        ("netns_cookie", ctypes.c_uint64),
+        ("ifindex", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    )
+
+
 class ZwNetIf(ctypes.Structure):
     _fields_ = (
         ("zone_key", ctypes.c_uint32),
         ("slot", ctypes.c_uint32),
+        ("tap_ifindex", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
     )
 
 
@@ -619,6 +629,7 @@ MIRRORS.update(
     {
         "zw_flow_key": ZwFlowKey,
         "zw_flow_stats": ZwFlowStats,
+        "zw_net_if_key": ZwNetIfKey,
         "zw_net_if": ZwNetIf,
         "zw_net_counters": ZwNetCounters,
         "zw_net_event": ZwNetEvent,
