@@ -7,11 +7,14 @@
  * TC_ACT_UNSPEC, so the filters after ours (an owner's mirred redirect) still run and decide
  * the frame's fate.
  *
- * The device's (network namespace cookie, ifindex) names the zone and its slot in the
- * per-CPU `counters` array (zone_ifs, filled by user space): every Kata pod's tap is
- * `tap0_kata` with the same ifindex, in its own namespace. One hash lookup per frame, and any
- * other device costs only that. Built with ZW_NETNS_COOKIE=0 (kernels whose tc programs lack
- * bpf_get_netns_cookie), the cookie is 0 and user space keeps one zone per ifindex.
+ * The device's (network namespace, ifindex) names the zone and its slot in the per-CPU
+ * `counters` array (zone_ifs, filled by user space): every Kata pod's tap is `tap0_kata`
+ * with the same ifindex, in its own namespace. The namespace is a constant of the program
+ * instance: user space loads one instance per namespace it attaches in, patching
+ * ZW_NETNS_UNPATCHED (netns_id()) to the namespace's inode number. (bpf_get_netns_cookie(skb)
+ * cannot tell: it names the namespace of the skb's socket when there is one, and a frame a
+ * host process sends to a pod still carries the host's socket on the pod's eth0.) One hash
+ * lookup per frame, and any other device costs only that.
  * Every frame is guest-controlled: headers are read (load_hdr) at offsets checked against
  * the frame and the IP lengths, and whatever contradicts itself is counted per zone
  * (malformed, truncated, fragments, other) and not parsed further, so it can neither crash
@@ -31,9 +34,6 @@
 #endif
 #ifndef ZW_MAX_FLOWS
 #define ZW_MAX_FLOWS 65536
-#endif
-#ifndef ZW_NETNS_COOKIE
-#define ZW_NETNS_COOKIE 1
 #endif
 #ifndef ZW_RINGBUF_PAGES
 #define ZW_RINGBUF_PAGES 64
@@ -214,20 +214,20 @@ static __always_inline void bump(struct zw_net_counters *c, int verdict)
 		c->other++;
 }
 
-static __always_inline u64 netns_cookie(struct __sk_buff *skb)
+/* The network namespace this program instance is attached in: a 64-bit immediate (one
+ * ld_imm64 instruction, kept from constant folding by the asm) that user space patches. */
+static __always_inline u64 netns_id(void)
 {
-#if ZW_NETNS_COOKIE
-	return bpf_get_netns_cookie(skb);
-#else
-	return 0;
-#endif
+	u64 id;
+	asm volatile("%0 = %1 ll" : "=r"(id) : "i"(ZW_NETNS_UNPATCHED));
+	return id;
 }
 
 /* One frame of a zone's traffic; `dir` is enum zw_net_dir. Counts, never decides: the
  * caller returns TC_ACT_UNSPEC whatever happens here. */
 static __always_inline void observe(struct __sk_buff *skb, u32 dir)
 {
-	struct zw_net_if_key dev = {.netns_cookie = netns_cookie(skb), .ifindex = skb->ifindex};
+	struct zw_net_if_key dev = {.netns = netns_id(), .ifindex = skb->ifindex};
 	struct zw_net_if *tap = zone_ifs.lookup(&dev);
 	if (!tap)
 		return;

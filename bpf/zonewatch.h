@@ -295,10 +295,15 @@ struct zw_flow_stats {
 /* A watched device (zone_ifs key): taps of different zones share names and ifindexes (every
  * Kata pod's is `tap0_kata`), so the device's network namespace is part of its name. */
 struct zw_net_if_key {
-	__u64 netns_cookie;  /* bpf_get_netns_cookie(skb); 0 when built without it */
+	__u64 netns;      /* the namespace's inode number, as patched into the program instance
+			     attached there (ZW_NETNS_UNPATCHED where user space could not patch) */
 	__u32 ifindex;
 	__u32 _pad;
 };
+
+/* The value netns_id() (bpf/net.c) returns until user space patches its instance: chosen
+ * to occur nowhere else in the program's instructions. */
+#define ZW_NETNS_UNPATCHED 0x5A57A5A5D1CEC0DEULL
 
 /* A watched device's zone, the zone's slot in `counters`, and the tap its frames are the
  * zone's traffic on (the device itself, or the tap it redirects to). */

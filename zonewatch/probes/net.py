@@ -4,7 +4,8 @@ The programs count each zone's frames and keep a flow table in the kernel; the r
 carries only new flows, TCP ends (FIN both ways, RST) and DNS queries. User space:
 - keeps our tc filters (probes/tc.py says where) on each tap the inventory names, in the
   network namespace the tap lives in (a Kata pod's own: probes/netns.py), and a map
-  (namespace cookie, ifindex) -> zone the programs attribute by;
+  (namespace, ifindex) -> zone the programs attribute by; the programs attached in a
+  namespace are an instance of their own, its inode number patched in (bpf/net.c);
 - says which zone's traffic it cannot see, and why (blind_spots());
 - ends flows idle for `idle_timeout_s` (flow_end records made here, `idle` set);
 - reads the per-zone counters and the flow table in `collect()`.
@@ -15,8 +16,11 @@ DNS questions are parsed here (probes/dns.py), in Python, from the bytes the ker
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import logging
+import os
+import struct
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -31,9 +35,10 @@ from zonewatch.probes.dns import DnsQuestion, escape_label, parse_dns_query
 from zonewatch.probes.loader import import_bcc, load_program
 from zonewatch.probes.maps import MapReader, RecordRingReader
 from zonewatch.probes.net_addresses import ZoneAddresses
-from zonewatch.probes.netns import Namespace, cookie, own_inode
+from zonewatch.probes.netns import Namespace, own_inode
 from zonewatch.probes.records import (
     NET_DECODERS,
+    NETNS_UNPATCHED,
     CountLostSource,
     FlowKey,
     FlowTotals,
@@ -274,6 +279,22 @@ class CounterSlots:
             self._free.append(slot)
 
 
+_SCHED_CLS = 3  # BPF_PROG_TYPE_SCHED_CLS
+_LD_IMM64 = 0x18
+
+
+def _placeholders(insns: bytes | bytearray) -> list[int]:
+    """Offsets of the ld_imm64 instructions loading ZW_NETNS_UNPATCHED (netns_id())."""
+    low, high = NETNS_UNPATCHED & 0xFFFFFFFF, NETNS_UNPATCHED >> 32
+    return [
+        at
+        for at in range(0, len(insns) - 15, 8)
+        if insns[at] == _LD_IMM64
+        and struct.unpack_from("<I", insns, at + 4)[0] == low
+        and struct.unpack_from("<I", insns, at + 12)[0] == high
+    ]
+
+
 # A namespace other than the agent's is entered (a fork in pyroute2: 11-15 ms) only when the
 # taps wanted there changed, or, while one of them could not be watched, at most this often.
 RETRY_S = 5.0
@@ -304,8 +325,9 @@ class Space:
     """A network namespace with taps we watch or want to (held open while we do)."""
 
     ns: Namespace
-    cookie: int = 0  # its netns cookie (0 when the program is built without cookies)
-    entered: bool = False  # cookie read and a dead agent's leftovers cleared
+    netns_id: int = NETNS_UNPATCHED  # what our programs attached here take it for
+    fds: dict[str, int] = field(default_factory=dict)  # their instances: program name -> fd
+    entered: bool = False  # programs loaded and a dead agent's leftovers cleared
     taps: dict[str, Watched] = field(default_factory=dict)
     dirty: bool = True  # the taps wanted here changed since the last visit
     retry_at: float = 0.0
@@ -325,7 +347,7 @@ class NetProbe:
         ended_linger_s: float = 5.0,
         sweep_interval_s: float = 1.0,
         max_zones: int = MAX_ZONES,
-        netns_cookies: bool = True,
+        per_netns_programs: bool = True,
     ) -> None:
         self._ringbuf_pages = ringbuf_pages
         self._max_zones = max_zones
@@ -333,8 +355,10 @@ class NetProbe:
         self.idle_timeout_s = idle_timeout_s
         self.ended_linger_s = ended_linger_s  # an ended TCP flow's trailing ACKs count here
         self.sweep_interval_s = sweep_interval_s
-        self._want_cookies = netns_cookies  # False: run as on a kernel without them (tests)
-        self.netns_cookies = False  # whether the loaded programs tell namespaces apart
+        # False: one program for every namespace, as where instances cannot be patched (tests)
+        self._want_instances = per_netns_programs
+        self.per_netns_programs = False  # whether namespaces are told apart (attach() says)
+        self._shared_fds: dict[str, int] = {}  # the programs as bcc loaded them (unpatched)
         self._bpf: Any = None
         self._tc: tc.TcFilters | None = None
         self._reader: RecordRingReader[NetRecord] | None = None
@@ -383,48 +407,63 @@ class NetProbe:
 
     def attach(self) -> None:
         bcc = import_bcc()
-        own = Namespace.own()
-        with own.route() as ipr:
-            with_cookies = self._want_cookies and cookie(ipr) is not None
-        try:
-            fds = self._load(bcc, with_cookies)
-        except EnvironmentProblem as exc:
-            if not with_cookies:
-                raise
-            # A kernel whose tc programs lack bpf_get_netns_cookie: one zone per ifindex.
-            log.warning("net probe: built without network namespace cookies (%s)", exc)
-            self.blind_counts["no_netns_cookie"] += 1
-            with_cookies = False
-            fds = self._load(bcc, with_cookies)
-        self.netns_cookies = with_cookies
-        self._tc = tc.TcFilters(fds)
-        self._reader = RecordRingReader(self._bpf, "events", NET_DECODERS)
-        space = self._spaces[self._own] = Space(own)
-        with own.route() as ipr:
-            self._enter(space, ipr)
-
-    def _load(self, bcc: Any, with_cookies: bool) -> dict[str, int]:
-        """Compile and load bpf/net.c: program name -> fd."""
         cflags = [
             f"-DZW_RINGBUF_PAGES={self._ringbuf_pages}",
             f"-DZW_MAX_FLOWS={self._max_flows}",
             f"-DZW_MAX_ZONE_IFS={self._max_zones}",
-            f"-DZW_NETNS_COOKIE={int(with_cookies)}",
         ]
         self._bpf = load_program("net.c", cflags)
         try:
-            return {
+            self._shared_fds = {
                 name: self._bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
                 for name in (tc.TX_PROGRAM, tc.RX_PROGRAM)
             }
         except Exception as exc:  # bcc raises bare Exception when the verifier refuses
-            self._bpf.cleanup()
-            self._bpf = None
+            self.detach()
             raise EnvironmentProblem("bpf/net.c", f"tc programs not loaded: {exc}") from exc
+        self.per_netns_programs = self._want_instances and all(
+            len(_placeholders(self._bpf.dump_func(n.encode()))) == 1 for n in self._shared_fds
+        )
+        if self._want_instances and not self.per_netns_programs:
+            # A compiler that folded netns_id(): one program everywhere, one zone per ifindex.
+            log.warning(
+                "net probe: cannot patch bpf/net.c per namespace; taps sharing an ifindex in "
+                "different namespaces are watched for one zone only"
+            )
+            self.blind_counts["unpatchable_program"] += 1
+        self._tc = tc.TcFilters()
+        self._reader = RecordRingReader(self._bpf, "events", NET_DECODERS)
+        own = Namespace.own()
+        space = self._spaces[self._own] = Space(own)
+        with own.route() as ipr:
+            self._enter(space, ipr)
+
+    def _instance(self, name: str, netns: int) -> int:
+        """A fd of program `name` whose netns_id() returns `netns`."""
+        from bcc.libbcc import lib
+
+        insns = bytearray(self._bpf.dump_func(name.encode()))
+        (at,) = _placeholders(insns)
+        struct.pack_into("<I", insns, at + 4, netns & 0xFFFFFFFF)  # ld_imm64: low half...
+        struct.pack_into("<I", insns, at + 12, netns >> 32)  # ...in the next slot's imm
+        buf = ctypes.create_string_buffer(bytes(insns), len(insns))
+        module = self._bpf.module
+        fd = lib.bcc_func_load(
+            module, _SCHED_CLS, name.encode(), buf, len(insns), lib.bpf_module_license(module),
+            lib.bpf_module_kern_version(module), 0, None, 0, None, -1,
+        )  # fmt: skip
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), f"{name} for namespace {netns} not loaded")
+        return int(fd)
 
     def _enter(self, space: Space, ipr: Any) -> None:
-        """First visit of a namespace: its cookie, and a dead agent's filters cleared."""
-        space.cookie = (cookie(ipr) or 0) if self.netns_cookies else 0
+        """First visit of a namespace: our programs' instance for it, and a dead agent's
+        filters cleared."""
+        if self.per_netns_programs:
+            space.netns_id = space.ns.inode
+            space.fds = {name: self._instance(name, space.netns_id) for name in self._shared_fds}
+        else:
+            space.fds = dict(self._shared_fds)
         removed = tc.clear_leftovers(ipr)
         if removed:
             log.info(
@@ -434,6 +473,14 @@ class NetProbe:
             )
         self.leftovers_removed += removed
         space.entered = True
+
+    def _close(self, space: Space) -> None:
+        """Forget a namespace: our program instances for it, and the fd that holds it."""
+        if self.per_netns_programs:
+            for fd in space.fds.values():
+                os.close(fd)
+        space.fds = {}
+        space.ns.close()
 
     def set_zones(self, zones: Sequence[Zone]) -> None:
         self.addresses.set_zones(zones)
@@ -488,7 +535,7 @@ class NetProbe:
                 continue
             self._visit(space, wanted, now)
             if inode != self._own and not wanted and not space.taps:
-                space.ns.close()
+                self._close(space)
                 del self._spaces[inode]
 
     def _open(self, inode: int, wanted: dict[str, int]) -> Space | None:
@@ -542,7 +589,7 @@ class NetProbe:
                 if slot is None:
                     self._unwatch(space, ipr, name)
                     continue
-                self._map_devices(space.cookie, w.devices, key, slot, index)
+                self._map_devices(space.netns_id, w.devices, key, slot, index)
                 w.zone_key = key
                 remember_tap(key, index, name)
 
@@ -559,19 +606,19 @@ class NetProbe:
         return slot
 
     def _map_devices(
-        self, cookie_: int, devices: tuple[int, ...], key: int, slot: int, tap: int
+        self, netns: int, devices: tuple[int, ...], key: int, slot: int, tap: int
     ) -> None:
         zone_ifs = self._bpf[b"zone_ifs"]
         for d in devices:
-            zone_ifs[zone_ifs.Key(cookie_, d)] = zone_ifs.Leaf(key, slot, tap)
-            self._devices[(cookie_, d)] = key
+            zone_ifs[zone_ifs.Key(netns, d)] = zone_ifs.Leaf(key, slot, tap)
+            self._devices[(netns, d)] = key
 
-    def _unmap_devices(self, cookie_: int, devices: tuple[int, ...]) -> None:
+    def _unmap_devices(self, netns: int, devices: tuple[int, ...]) -> None:
         zone_ifs = self._bpf[b"zone_ifs"]
         for d in devices:
-            self._devices.pop((cookie_, d), None)
+            self._devices.pop((netns, d), None)
             with contextlib.suppress(KeyError):
-                del zone_ifs[zone_ifs.Key(cookie_, d)]
+                del zone_ifs[zone_ifs.Key(netns, d)]
 
     def _watch(self, space: Space, ipr: Any, ref: TapRef, index: int, key: int) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
@@ -584,21 +631,21 @@ class NetProbe:
             return
         devices = tuple(dict.fromkeys(h.ifindex for h in plan.hooks))
         for d in devices:
-            owner = self._devices.get((space.cookie, d))
+            owner = self._devices.get((space.netns_id, d))
             if owner is not None and owner != key:
                 why = f"ifindex {d} there is already watched for zone {owner}"
-                if not self.netns_cookies:
-                    why += " (this kernel's tc programs cannot tell network namespaces apart)"
+                if not self.per_netns_programs:
+                    why += " (our programs cannot tell network namespaces apart here)"
                 self._note_blind(ref, key, "ifindex_clash", why)
                 return
         slot = self._slot_for(ref, key)
         if slot is None:
             return
-        self._map_devices(space.cookie, devices, key, slot, index)
+        self._map_devices(space.netns_id, devices, key, slot, index)
         try:
-            placed = self._tc.add(ipr, plan)
+            placed = self._tc.add(ipr, plan, space.fds)
         except (NetlinkError, tc.Unwatchable) as exc:
-            self._unmap_devices(space.cookie, devices)
+            self._unmap_devices(space.netns_id, devices)
             self._note_blind(ref, key, "tc_refused", str(exc))
             return
         created = index if plan.create_clsact else None
@@ -621,7 +668,7 @@ class NetProbe:
 
         assert self._tc is not None
         w = space.taps.pop(name)
-        self._unmap_devices(space.cookie, w.devices)
+        self._unmap_devices(space.netns_id, w.devices)
         ref = TapRef(space.ns.inode, name)
         try:
             self._tc.remove(ipr, w.placed, w.created_clsact)
@@ -748,7 +795,7 @@ class NetProbe:
                             self._unwatch(space, ipr, name)
                 except (OSError, NetlinkError) as exc:
                     log.warning("net probe: cannot detach in %s: %s", space.ns.where, exc)
-            space.ns.close()
+            self._close(space)
         self._spaces = {}
         self._devices = {}
         self._blind = {}

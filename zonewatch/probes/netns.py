@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 from typing import Any
 
 from zonewatch.model import NetNs
-
-SO_NETNS_COOKIE = 71  # not in Python's socket module
 
 
 def own_inode() -> int:
@@ -60,14 +57,3 @@ class Namespace:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def cookie(ipr: Any) -> int | None:
-    """The namespace's cookie (what bpf_get_netns_cookie() returns for its devices), from a
-    socket living there; None on kernels without SO_NETNS_COOKIE."""
-    with socket.socket(fileno=os.dup(ipr.fileno())) as sock:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
-        except OSError:
-            return None
-    return int.from_bytes(raw, "little")

@@ -582,9 +582,13 @@ class ZwFlowStats(ctypes.Structure):
     )
 
 
+# bpf/net.c's netns_id() until user space patches the program instance (ZW_NETNS_UNPATCHED).
+NETNS_UNPATCHED = 0x5A57A5A5D1CEC0DE
+
+
 class ZwNetIfKey(ctypes.Structure):
     _fields_ = (
-        ("netns_cookie", ctypes.c_uint64),
+        ("netns", ctypes.c_uint64),
         ("ifindex", ctypes.c_uint32),
         ("_pad", ctypes.c_uint32),
     )

@@ -197,8 +197,7 @@ def gone(exc: Exception) -> bool:
 class TcFilters:
     """Our bpf filters: placed on hooks, and removed exactly (by handle and priority)."""
 
-    def __init__(self, fds: dict[str, int]) -> None:
-        self._fds = dict(fds)  # program name -> fd
+    def __init__(self) -> None:
         self._tag = _owner_tag(os.getpid())
         # Two agents (or a test's probe beside an agent) may watch the same host: each
         # gets its own handle.
@@ -207,8 +206,9 @@ class TcFilters:
     def name(self, program: str) -> str:
         return f"{program}:{self._tag}"
 
-    def add(self, ipr: Any, plan: Plan) -> list[Placed]:
-        """Our filters on the plan's hooks (and clsact where the slot is free); all or none."""
+    def add(self, ipr: Any, plan: Plan, fds: dict[str, int]) -> list[Placed]:
+        """Our filters (program name -> fd) on the plan's hooks (and clsact where the slot is
+        free); all or none."""
         from pyroute2.netlink.exceptions import NetlinkError
 
         if plan.create_clsact:
@@ -218,7 +218,7 @@ class TcFilters:
             for hook in plan.hooks:
                 prio = prio_before_owners(ipr, hook)
                 ipr.tc(
-                    "add-filter", "bpf", hook.ifindex, self.handle, fd=self._fds[hook.program],
+                    "add-filter", "bpf", hook.ifindex, self.handle, fd=fds[hook.program],
                     name=self.name(hook.program), parent=hook.parent, classid=1,
                     direct_action=True, prio=prio, protocol=ETH_P_ALL,
                 )  # fmt: skip
