@@ -10,17 +10,18 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 
 import pytest
 
 from tests.helpers.pods import TAP, Pod, kata_pod
+from tests.integration.test_net_probe import drain, wait_counts
 from zonewatch.lab.tapfd import TapFd, ipv4, udp
 from zonewatch.model import Vmm, Zone
 from zonewatch.probes import tc
-from zonewatch.probes.net import NetProbe, ZoneNet, net_event
-from zonewatch.probes.records import NetDir, NetRecord
+from zonewatch.probes.net import NetProbe, net_event
+from zonewatch.probes.records import NetDir
 
 ZONE_A, ZONE_B, ZONE_C = 81, 82, 83
 HOST_PORT, GUEST_PORT = 7100, 7200
@@ -41,25 +42,6 @@ def probe() -> Iterator[NetProbe]:
 def pods() -> Iterator[tuple[Pod, Pod]]:
     with kata_pod("zwnp1", 1) as a, kata_pod("zwnp2", 2) as b:
         yield a, b
-
-
-def wait_counts(
-    probe: NetProbe, zone: int, done: Callable[[ZoneNet], bool], timeout: float = 5.0
-) -> ZoneNet:
-    deadline = time.monotonic() + timeout
-    while not done(z := probe.collect().zone(zone)) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return z
-
-
-def drain(
-    probe: NetProbe, done: Callable[[list[NetRecord]], bool], timeout: float = 5.0
-) -> list[NetRecord]:
-    records: list[NetRecord] = []
-    deadline = time.monotonic() + timeout
-    while not done(records) and time.monotonic() < deadline:
-        records += probe.poll(50)
-    return records
 
 
 class HostEnd:

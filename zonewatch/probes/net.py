@@ -283,7 +283,7 @@ _SCHED_CLS = 3  # BPF_PROG_TYPE_SCHED_CLS
 _LD_IMM64 = 0x18
 
 
-def _placeholders(insns: bytes | bytearray) -> list[int]:
+def placeholder_offsets(insns: bytes | bytearray) -> list[int]:
     """Offsets of the ld_imm64 instructions loading ZW_NETNS_UNPATCHED (netns_id())."""
     low, high = NETNS_UNPATCHED & 0xFFFFFFFF, NETNS_UNPATCHED >> 32
     return [
@@ -422,7 +422,7 @@ class NetProbe:
             self.detach()
             raise EnvironmentProblem("bpf/net.c", f"tc programs not loaded: {exc}") from exc
         self.per_netns_programs = self._want_instances and all(
-            len(_placeholders(self._bpf.dump_func(n.encode()))) == 1 for n in self._shared_fds
+            len(placeholder_offsets(self._bpf.dump_func(n.encode()))) == 1 for n in self._shared_fds
         )
         if self._want_instances and not self.per_netns_programs:
             # A compiler that folded netns_id(): one program everywhere, one zone per ifindex.
@@ -443,7 +443,7 @@ class NetProbe:
         from bcc.libbcc import lib
 
         insns = bytearray(self._bpf.dump_func(name.encode()))
-        (at,) = _placeholders(insns)
+        (at,) = placeholder_offsets(insns)
         struct.pack_into("<I", insns, at + 4, netns & 0xFFFFFFFF)  # ld_imm64: low half...
         struct.pack_into("<I", insns, at + 12, netns >> 32)  # ...in the next slot's imm
         buf = ctypes.create_string_buffer(bytes(insns), len(insns))
