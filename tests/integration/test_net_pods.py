@@ -6,7 +6,9 @@ leaves every qdisc and filter as it found it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import subprocess
 import time
@@ -99,8 +101,14 @@ def test_two_pods_with_the_same_tap_are_told_apart(probe: NetProbe, pods: tuple[
         zc = Zone(id="c", key=ZONE_C, name="c", tenant="t", vmm=Vmm.QEMU, pid=0, start_time=0,
                   taps=("zwnp3t",))  # fmt: skip
         stack.callback(probe.set_zones, [])
+        entries = probe.netns_entries
         probe.set_zones([za, zb, zc])
         assert probe.blind_spots() == {}
+        assert probe.netns_entries == entries + 2  # each pod's namespace entered once...
+        for _ in range(3):
+            probe.set_zones([za, zb, zc])  # ...and not again while nothing changes there
+        probe.poll(0)
+        assert probe.netns_entries == entries + 2
         hosts = [HostEnd(a), HostEnd(b)]
         for h in hosts:
             stack.callback(h.close)
@@ -140,6 +148,15 @@ def test_two_pods_with_the_same_tap_are_told_apart(probe: NetProbe, pods: tuple[
                 pod = a if r.zone_key == ZONE_A else b
                 assert socket.inet_ntoa(r.key.local_ip) == pod.guest_ip
                 assert net_event(r, za if r.zone_key == ZONE_A else zb, 0).tap == TAP
+
+        # Once the pods' zones are gone, the probe holds neither namespace open.
+        probe.set_zones([])
+        assert probe.watched() == {}
+        held = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own fd is closed by now
+                held.add(os.readlink(f"/proc/self/fd/{fd}"))
+        assert not held & {f"net:[{za.netns.inode}]", f"net:[{zb.netns.inode}]"}
 
 
 def tc_state(pod: Pod) -> tuple[object, ...]:

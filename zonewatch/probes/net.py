@@ -378,6 +378,7 @@ class NetProbe:
         self.attach_errors = 0  # taps found unwatchable (each cause once while it lasts)
         self.blind_counts: Counter[str] = Counter()  # the same, by cause
         self.leftovers_removed = 0
+        self.netns_entries = 0  # visits of namespaces other than the agent's (each a fork)
 
     @property
     def bpf(self) -> Any:
@@ -553,6 +554,8 @@ class NetProbe:
     def _visit(self, space: Space, wanted: dict[str, int], now: float) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
+        if space.ns.fd is not None:
+            self.netns_entries += 1
         try:
             with space.ns.route() as ipr:
                 if not space.entered:
