@@ -297,3 +297,32 @@ def test_a_dead_agents_filter_in_a_pod_is_removed_on_entering(probe: NetProbe) -
         ]
         assert not any("999999999" in n for n in names)
         assert sum(n.startswith("zw_net_zone_tx:") for n in names) == 1
+
+
+def test_the_fate_check_catches_a_program_that_ends_classification() -> None:
+    """The control for the test above: a filter before Kata's mirred that returns TC_ACT_OK
+    (as ours once did) ends classification there, and the guest receives nothing."""
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
+    src = "#include <uapi/linux/pkt_cls.h>\nint ends(struct __sk_buff *skb) { return TC_ACT_OK; }"
+    bpf = BPF(text=src.encode())
+    try:
+        fd = bpf.load_func(b"ends", BPF.SCHED_CLS).fd
+        with kata_pod("zwnp7", 7) as pod:
+            host = HostEnd(pod)
+            try:
+                read, _got = exchange(pod, host, 3, b"open")
+                assert len(read) == 3
+                with IPRoute(netns=pod.netns, flags=0) as ipr:
+                    ipr.tc(
+                        "add-filter", "bpf", pod.ifindex("eth0"), 1, fd=fd, name="ends",
+                        parent=tc.INGRESS_QDISC, classid=1, direct_action=True,
+                        prio=tc.FILTER_PRIO, protocol=tc.ETH_P_ALL,
+                    )  # fmt: skip
+                read, _got = exchange(pod, host, 3, b"cut")
+                assert read == []
+            finally:
+                host.close()
+    finally:
+        bpf.cleanup()
