@@ -140,8 +140,9 @@ class Inventory:
         taps = tuple(
             sorted({utf8_text(t) for t in (*procfs.tap_names(self._proc, pid), *spec.tap_names)})
         )
+        netns = procfs.net_ns(self._proc, pid)  # the taps' namespace (a Kata pod's own)
         if existing is not None:
-            return replace(existing, vcpu_tids=vcpus, taps=taps)
+            return replace(existing, vcpu_tids=vcpus, taps=taps, netns=netns)
         name = spec.name or f"{spec.vmm}-{pid}"
         zone = Zone(
             id=zone_id,
@@ -156,6 +157,7 @@ class Inventory:
             shares=tuple(self._guest_mounted(_utf8_share(s)) for s in spec.shares),
             disks=tuple(utf8_text(d) for d in spec.disks),
             labels=dict(spec.labels),
+            netns=netns,
         )
         self._next_key += 1
         return zone
