@@ -3,7 +3,7 @@
 Names follow the OTel-to-Prometheus translation (`_total`, unit suffixes). What the kernel
 counts is a `_total` counter (the stats snapshots carry per-interval rates: rate x interval
 is added up here), so rate() works over any range; latencies are cumulative histograms;
-ratios are in 0..1. Labels stay bounded (zone, tenant, reason, source, severity; never pids
+ratios are in 0..1. Labels stay bounded (zone, tenant, reason, source, severity, channel; never pids
 or addresses: an unnamed zone is labelled by its VMM and a hash of its id). The sink reads
 records the agent already exports (stats, lost, alerts) and asks the agent for the rest
 through `health` (events in, probes attached, subscriber queue depths).
@@ -39,6 +39,8 @@ class AgentHealth:
     journal_write_errors: int = 0
     otlp_dropped: int = 0
     lost: dict[str, int] = field(default_factory=dict)  # source -> events lost so far
+    # (zone, channel, reason) of each channel blind to a zone (zonewatch.coverage REASONS)
+    blind: list[tuple[ZoneRef, str, str]] = field(default_factory=list)
 
 
 # ZoneStats rate field -> (counter name without _total, help, scale to base units). Each
@@ -186,6 +188,52 @@ def _ratio(value: float) -> float:
     return min(max(value, 0.0), 1.0)
 
 
+def _blind_gauge(blind: Sequence[tuple[ZoneRef, str, str]]) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(
+        "zonewatch_zone_channel_blind",
+        "1 for each channel that does not (fully) see a zone, by reason (zonewatch zones)",
+        labels=["zone", "tenant", "channel", "reason"],
+    )
+    for ref, channel, reason in blind:
+        g.add_metric([zone_label(ref), utf8_text(ref.tenant), channel, reason], 1)
+    return g
+
+
+def _health_families(h: AgentHealth) -> Iterator[Any]:
+    """The agent's own state: blind spots, probes, queues, journal, OTLP."""
+    yield _blind_gauge(h.blind)
+    probes = GaugeMetricFamily("zonewatch_probe_attached", "Probes attached", labels=["probe"])
+    for p in h.probes:
+        probes.add_metric([p], 1)
+    yield probes
+    q = GaugeMetricFamily("zonewatch_queue_depth", "Items waiting", labels=["queue"])
+    for queue, depth in sorted(h.queue_depths.items()):
+        q.add_metric([queue], depth)
+    yield q
+    yield GaugeMetricFamily("zonewatch_subscribers", "gRPC alert subscribers", h.subscribers)
+    yield GaugeMetricFamily(
+        "zonewatch_journal_last_seq", "Newest alert sequence number", h.journal_last_seq
+    )
+    yield GaugeMetricFamily(
+        "zonewatch_journal_backlog",
+        "Alerts held in memory because the journal's disk refused them",
+        h.journal_backlog,
+    )
+    yield CounterMetricFamily(
+        "zonewatch_journal_dropped",
+        "Alerts that never reached the journal's disk (memory backlog full)",
+        h.journal_dropped,
+    )
+    yield CounterMetricFamily(
+        "zonewatch_journal_write_errors",
+        "Failed journal writes and fsyncs",
+        h.journal_write_errors,
+    )
+    yield CounterMetricFamily(
+        "zonewatch_otlp_dropped", "Records the OTLP exporter failed to send", h.otlp_dropped
+    )
+
+
 class _Collector(Collector):
     def __init__(self, sink: PrometheusSink) -> None:
         self.sink = sink
@@ -261,36 +309,7 @@ class _Collector(Collector):
             lost_f.add_metric([source], max(lost.get(source, 0), h.lost.get(source, 0)))
         yield lost_f
         yield CounterMetricFamily("zonewatch_events", "Events read from the probes", value=h.events)
-        probes = GaugeMetricFamily("zonewatch_probe_attached", "Probes attached", labels=["probe"])
-        for p in h.probes:
-            probes.add_metric([p], 1)
-        yield probes
-        q = GaugeMetricFamily("zonewatch_queue_depth", "Items waiting", labels=["queue"])
-        for queue, depth in sorted(h.queue_depths.items()):
-            q.add_metric([queue], depth)
-        yield q
-        yield GaugeMetricFamily("zonewatch_subscribers", "gRPC alert subscribers", h.subscribers)
-        yield GaugeMetricFamily(
-            "zonewatch_journal_last_seq", "Newest alert sequence number", h.journal_last_seq
-        )
-        yield GaugeMetricFamily(
-            "zonewatch_journal_backlog",
-            "Alerts held in memory because the journal's disk refused them",
-            h.journal_backlog,
-        )
-        yield CounterMetricFamily(
-            "zonewatch_journal_dropped",
-            "Alerts that never reached the journal's disk (memory backlog full)",
-            h.journal_dropped,
-        )
-        yield CounterMetricFamily(
-            "zonewatch_journal_write_errors",
-            "Failed journal writes and fsyncs",
-            h.journal_write_errors,
-        )
-        yield CounterMetricFamily(
-            "zonewatch_otlp_dropped", "Records the OTLP exporter failed to send", h.otlp_dropped
-        )
+        yield from _health_families(h)
 
 
 class PrometheusSink:
