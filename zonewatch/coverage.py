@@ -158,9 +158,7 @@ def standalone_net(zone: Zone, lookup: TapLookup = links_in) -> Verdict:
         return Verdict("net", State.BLIND, "netns", f"{where}: cannot enter it: {exc}")
     missing = [t for t in zone.taps if t not in links]
     if missing:
-        return Verdict(
-            "net", State.BLIND, "tap_missing", f"{', '.join(missing)} not in {where}"
-        )
+        return Verdict("net", State.BLIND, "tap_missing", f"{', '.join(missing)} not in {where}")
     return Verdict("net", State.SEEN, detail=f"{', '.join(zone.taps)} in {where}")
 
 

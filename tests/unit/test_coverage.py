@@ -40,9 +40,7 @@ def test_nothing_to_see_is_not_a_blind_spot() -> None:
 
 def test_the_net_probes_causes_become_the_zones_reason() -> None:
     why = "tap0_kata (netns 4026532000): cannot enter it: [Errno 1] failed to open netns"
-    (a, b) = coverage.from_probes(
-        [zone(), zone(key=2, name="zone-b")], ALL, {1: {"netns": why}}
-    )
+    (a, b) = coverage.from_probes([zone(), zone(key=2, name="zone-b")], ALL, {1: {"netns": why}})
     assert verdicts(a)["net"] == ("blind", "netns")
     assert a.to_json()["net"] == {"state": "blind", "reason": "netns", "detail": why}
     assert verdicts(b)["net"] == ("seen", "")
