@@ -75,10 +75,12 @@ def reason_code(cause: str) -> str:
 
 
 def _file(zone: Zone) -> Verdict:
-    """9p is served by the VMM itself; a virtio-fs share is seen through its virtiofsd."""
+    """9p (and crosvm's own virtio-fs) is served by the VMM; a vhost-user virtio-fs share by
+    a virtiofsd, whose folder the inventory fills in once it finds it: until then the
+    share's host path is empty and its file operations are nobody's."""
     if not zone.shares:
         return Verdict("file", State.NONE, detail="no shares")
-    orphans = [s.tag for s in zone.shares if s.backend == "virtiofs" and not zone.helper_pids]
+    orphans = [s.tag for s in zone.shares if s.backend == "virtiofs" and not s.host_path]
     if orphans:
         return Verdict("file", State.BLIND, "no_backend", f"no virtiofsd for {', '.join(orphans)}")
     return Verdict("file", State.SEEN)

@@ -60,10 +60,13 @@ def test_a_channel_whose_probe_did_not_attach_is_blind_to_every_zone() -> None:
 
 
 def test_no_vcpu_seen_yet_and_a_virtiofs_share_without_its_backend() -> None:
-    share = Share("kataShared", "/run/kata-containers/shared/sandboxes/x/shared", "virtiofs")
-    orphan = zone(vcpu_tids=(), shares=(share,), vmm=Vmm.KATA)
-    served = zone(key=2, shares=(share,), helper_pids=(99,), vmm=Vmm.KATA)
-    a, b = coverage.from_probes([orphan, served], ALL, {})
+    unserved = Share("kataShared", "", "virtiofs")  # as the command line names it
+    served = Share("kataShared", "/run/kata-containers/shared/sandboxes/x/shared", "virtiofs")
+    orphan = zone(vcpu_tids=(), shares=(unserved,), vmm=Vmm.KATA)
+    found = zone(key=2, shares=(served,), helper_pids=(99,), vmm=Vmm.KATA)
+    crosvm = zone(key=3, shares=(Share("fs", "/srv", "virtiofs"),), vmm=Vmm.CROSVM)
+    a, b, c = coverage.from_probes([orphan, found, crosvm], ALL, {})
+    assert verdicts(c)["file"] == ("seen", "")  # crosvm serves its virtio-fs itself
     assert verdicts(a)["sched"] == ("blind", "no_vcpu")
     assert verdicts(a)["file"] == ("blind", "no_backend")
     assert "kataShared" in a.to_json()["file"]["detail"]
