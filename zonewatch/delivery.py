@@ -173,25 +173,45 @@ class DeliveryConfig:
 
 def add_options(p: Any) -> None:
     """The delivery options of `zonewatch run` (an argparse parser)."""
-    p.add_argument("--journal", metavar="DIR", help=f"alert journal (default {DEFAULT_JOURNAL})")
+    from zonewatch.options import grpc_address, journal_dir, listen_address, output_file, text_file
+
+    p.add_argument("--journal", metavar="DIR", type=journal_dir,
+                   help=f"alert journal (default {DEFAULT_JOURNAL})")  # fmt: skip
     p.add_argument(
         "--grpc",
         metavar="ADDR",
+        type=grpc_address,
         help="gRPC listen address: unix:/PATH or HOST:PORT (default "
         "unix:/run/zonewatch/zonewatch.sock when --tokens is given)",
     )
-    p.add_argument("--tokens", metavar="FILE", help="bearer tokens file (YAML) for gRPC")
-    p.add_argument("--tls-cert", metavar="FILE", help="gRPC server certificate (PEM)")
-    p.add_argument("--tls-key", metavar="FILE", help="gRPC server key (PEM)")
-    p.add_argument("--tls-client-ca", metavar="FILE", help="require client certs from this CA")
+    p.add_argument(
+        "--tokens", metavar="FILE", type=text_file, help="bearer tokens file (YAML) for gRPC"
+    )
+    p.add_argument(
+        "--tls-cert", metavar="FILE", type=text_file, help="gRPC server certificate (PEM)"
+    )
+    p.add_argument("--tls-key", metavar="FILE", type=text_file, help="gRPC server key (PEM)")
+    p.add_argument(
+        "--tls-client-ca", metavar="FILE", type=text_file, help="require client certs from this CA"
+    )
     p.add_argument(
         "--otlp", metavar="ENDPOINT", help="OTLP collector (or set OTEL_EXPORTER_OTLP_ENDPOINT)"
     )
     p.add_argument(
         "--otlp-protocol", choices=["grpc", "http/protobuf"], help="default grpc (or OTEL_*)"
     )
-    p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus /metrics on HOST:PORT")
-    p.add_argument("--ocsf", metavar="FILE|-", help="write OCSF Detection Findings (JSON lines)")
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        type=listen_address,
+        help="serve Prometheus /metrics on HOST:PORT",
+    )
+    p.add_argument(
+        "--ocsf",
+        metavar="FILE|-",
+        type=output_file,
+        help="write OCSF Detection Findings (JSON lines)",
+    )
 
 
 def config_from_args(args: Any) -> DeliveryConfig:
@@ -227,7 +247,12 @@ def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
             # than contend for the shared one with other agents on the host.
             tmp = tempfile.TemporaryDirectory(prefix="zonewatch-journal-")
             journal_dir = tmp.name
-    journal = Journal(journal_dir)
+    try:
+        journal = Journal(journal_dir)
+    except OSError as exc:  # read-only, a regular file, no free inodes, ...
+        raise ConfigError(
+            journal_dir, f"cannot keep the alert journal here: {exc.strerror}"
+        ) from None
     all_sinks: list[Sink] = list(sinks)
     try:
         if config.ocsf:
@@ -242,7 +267,13 @@ def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
         if config.metrics:
             from zonewatch.exporters.prometheus import PrometheusSink
 
-            prom = PrometheusSink(config.metrics)
+            try:
+                prom = PrometheusSink(config.metrics)
+            except (OSError, OverflowError) as exc:  # in use, not an address of this host
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise ConfigError(
+                    f"--metrics {config.metrics}", f"cannot listen: {reason}"
+                ) from None
             all_sinks.append(prom)
         server = None
         if config.tokens:
