@@ -33,7 +33,7 @@ from zonewatch.errors import EnvironmentProblem
 from zonewatch.inventory import procfs
 from zonewatch.model import NetEvent, Zone, ZoneRef, ZoneStats
 from zonewatch.probes.base import LeavingZones, sum_percpu
-from zonewatch.probes.loader import import_bcc, load_program
+from zonewatch.probes.loader import import_bcc, load_program, unload_program
 from zonewatch.probes.maps import MapReader, RecordRingReader
 from zonewatch.probes.records import (
     NET_DECODERS,
@@ -803,7 +803,7 @@ class NetProbe:
         self._attached = {}
         self._tc = None
         if self._bpf is not None:
-            self._bpf.cleanup()
+            unload_program(self._bpf)
             self._bpf = None
             self._reader = None
         self._zone_keys = set()
