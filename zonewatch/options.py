@@ -46,8 +46,10 @@ def _integer(value: str, low: int, what: str) -> int:
         number = int(value, 10)
     except ValueError:
         raise _bad(value, "not a whole number") from None
-    if not low <= number <= MAX_COUNT:
-        raise _bad(value, f"{what} (at most {MAX_COUNT})")
+    if number < low:
+        raise _bad(value, what)
+    if number > MAX_COUNT:
+        raise _bad(value, f"must be at most {MAX_COUNT}")
     return number
 
 
