@@ -336,13 +336,15 @@ class OtlpSink:
             batch["max_queue_size"] = config.max_queue
         if config.schedule_delay_ms is not None:
             batch["schedule_delay_millis"] = config.schedule_delay_ms
-        self.tracer_provider = TracerProvider(resource=self.resource)
+        # shutdown() is the delivery's to call, bounded (zonewatch.delivery.SINK_SHUTDOWN_S);
+        # the SDK's own at-exit shutdown waited out export retries to a dead collector.
+        self.tracer_provider = TracerProvider(resource=self.resource, shutdown_on_exit=False)
         self.tracer_provider.add_span_processor(
             BatchSpanProcessor(
                 cast(Any, _Counted(spans, "traces", self.health, self.endpoint)), **batch
             )
         )
-        self.logger_provider = LoggerProvider(resource=self.resource)
+        self.logger_provider = LoggerProvider(resource=self.resource, shutdown_on_exit=False)
         self.logger_provider.add_log_record_processor(
             BatchLogRecordProcessor(
                 cast(Any, _Counted(logs, "logs", self.health, self.endpoint)), **batch
@@ -354,7 +356,9 @@ class OtlpSink:
         self.reader = PeriodicExportingMetricReader(
             _CountedMetrics(metrics, self.health, self.endpoint), **reader_kw
         )
-        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=[self.reader])
+        self.meter_provider = MeterProvider(
+            resource=self.resource, metric_readers=[self.reader], shutdown_on_exit=False
+        )
         self.tracer = self.tracer_provider.get_tracer(SCOPE, __version__)
         self.logger = self.logger_provider.get_logger(SCOPE, __version__)
         meter = self.meter_provider.get_meter(SCOPE, __version__)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from zonewatch.exporters.prometheus import PrometheusSink
 
 log = logging.getLogger(__name__)
+
+SINK_SHUTDOWN_S = 1.5  # the most a stop waits for the sinks' last exports
 
 
 @runtime_checkable
@@ -108,19 +112,40 @@ class Delivery:
                 log.exception("sink %s failed; counting further failures", name)
 
     def close(self) -> None:
+        """Stop the server and every sink at once, then the journal. A sink still shutting
+        down after SINK_SHUTDOWN_S is left behind (the process exits without it): an OTLP
+        collector that is down kept the agent's exit waiting 23 s on export retries."""
         if self._closed:
             return
         self._closed = True
+        shutting = [
+            (sink, threading.Thread(target=self._shutdown, args=(sink,), daemon=True,
+                                    name=f"zw-shutdown-{getattr(sink, 'name', '')}"))
+            for sink in self.sinks
+        ]  # fmt: skip
+        deadline = time.monotonic() + SINK_SHUTDOWN_S
+        for _sink, thread in shutting:
+            thread.start()
         if self.server is not None:
-            self.server.stop()
-        for sink in self.sinks:
-            try:
-                sink.shutdown()
-            except Exception:
-                log.exception("sink %s: shutdown failed", getattr(sink, "name", sink))
+            self.server.stop()  # subscribers get the server's grace meanwhile
+        for sink, thread in shutting:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning(
+                    "sink %s: shutdown unfinished after %.1f s; what it still held is lost",
+                    getattr(sink, "name", sink),
+                    SINK_SHUTDOWN_S,
+                )
         self.journal.close()
         if self.tmp is not None:
             self.tmp.cleanup()
+
+    @staticmethod
+    def _shutdown(sink: Sink) -> None:
+        try:
+            sink.shutdown()
+        except Exception:
+            log.exception("sink %s: shutdown failed", getattr(sink, "name", sink))
 
     def health(self) -> dict[str, Any]:
         """Queue depths and counters for /metrics (read from any thread)."""
