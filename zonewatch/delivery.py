@@ -198,7 +198,15 @@ class DeliveryConfig:
 
 def add_options(p: Any) -> None:
     """The delivery options of `zonewatch run` (an argparse parser)."""
-    from zonewatch.options import grpc_address, journal_dir, listen_address, output_file, text_file
+    from zonewatch.options import (
+        grpc_address,
+        journal_dir,
+        listen_address,
+        otlp_endpoint,
+        output_file,
+        pem_file,
+        text_file,
+    )
 
     p.add_argument("--journal", metavar="DIR", type=journal_dir,
                    help=f"alert journal (default {DEFAULT_JOURNAL})")  # fmt: skip
@@ -213,14 +221,17 @@ def add_options(p: Any) -> None:
         "--tokens", metavar="FILE", type=text_file, help="bearer tokens file (YAML) for gRPC"
     )
     p.add_argument(
-        "--tls-cert", metavar="FILE", type=text_file, help="gRPC server certificate (PEM)"
+        "--tls-cert", metavar="FILE", type=pem_file, help="gRPC server certificate (PEM)"
     )
-    p.add_argument("--tls-key", metavar="FILE", type=text_file, help="gRPC server key (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", type=pem_file, help="gRPC server key (PEM)")
     p.add_argument(
-        "--tls-client-ca", metavar="FILE", type=text_file, help="require client certs from this CA"
+        "--tls-client-ca", metavar="FILE", type=pem_file, help="require client certs from this CA"
     )
     p.add_argument(
-        "--otlp", metavar="ENDPOINT", help="OTLP collector (or set OTEL_EXPORTER_OTLP_ENDPOINT)"
+        "--otlp",
+        metavar="ENDPOINT",
+        type=otlp_endpoint,
+        help="OTLP collector (or set OTEL_EXPORTER_OTLP_ENDPOINT)",
     )
     p.add_argument(
         "--otlp-protocol", choices=["grpc", "http/protobuf"], help="default grpc (or OTEL_*)"

@@ -14,6 +14,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from urllib.parse import urlsplit
 
 MAX_SECONDS = 366 * 86400.0  # a year: past it an interval is a typo (and overflows timers)
 MAX_COUNT = 1 << 62
@@ -191,12 +192,39 @@ def text_file(value: str) -> str:
     return value
 
 
+def pem_file(value: str) -> str:
+    """A TLS certificate or key: a small readable text file holding a PEM block."""
+    text_file(value)
+    with open(value, encoding="utf-8") as f:
+        if "-----BEGIN " not in f.read():
+            raise _bad(value, "not a PEM file (no -----BEGIN line)")
+    return value
+
+
+def otlp_endpoint(value: str) -> str:
+    """http(s)://HOST[:PORT][/PATH] or HOST:PORT (gRPC)."""
+    if "://" not in value:
+        if ":" not in value:
+            raise _bad(value, "expected http(s)://HOST[:PORT] or HOST:PORT")
+        return _host_port(value, 1)
+    url = urlsplit(value)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise _bad(value, "expected http(s)://HOST[:PORT] or HOST:PORT")
+    try:
+        url.port  # noqa: B018 (raises on a bad port)
+    except ValueError as exc:
+        raise _bad(value, f"bad port: {exc}") from None
+    return value
+
+
 __all__ = [
     "count",
     "grpc_address",
     "journal_dir",
     "listen_address",
+    "otlp_endpoint",
     "output_file",
+    "pem_file",
     "seconds",
     "sequence_number",
     "text_file",

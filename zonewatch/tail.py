@@ -16,7 +16,7 @@ import grpc
 import orjson
 
 from zonewatch.model import Lost, Severity, rfc3339_ns
-from zonewatch.options import count, grpc_address, sequence_number, text_file
+from zonewatch.options import count, grpc_address, pem_file, sequence_number, text_file
 from zonewatch.tui.escape import escape
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,12 @@ def add_tail_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.add_argument("--count", metavar="N", type=count, help="exit after N alerts")
     p.add_argument(
-        "--tls-ca", metavar="FILE", type=text_file, help="verify the agent's certificate (TLS)"
+        "--tls-ca", metavar="FILE", type=pem_file, help="verify the agent's certificate (TLS)"
     )
     p.add_argument(
-        "--tls-cert", metavar="FILE", type=text_file, help="client certificate (mutual TLS)"
+        "--tls-cert", metavar="FILE", type=pem_file, help="client certificate (mutual TLS)"
     )
-    p.add_argument("--tls-key", metavar="FILE", type=text_file, help="client key (mutual TLS)")
+    p.add_argument("--tls-key", metavar="FILE", type=pem_file, help="client key (mutual TLS)")
 
 
 class Printer:

@@ -125,6 +125,10 @@ def tmpfs(where: Path, options: str) -> Iterator[Path]:
         (["--metrics", "[::zz]:9464"], ["--metrics", "not an IPv6 address"]),
         (["--metrics", "bad host:9464"], ["--metrics", "not a host name"]),
         (["--metrics", "127.0.0.1:http"], ["--metrics", "port must be a number"]),
+        (["--tls-cert", "{d}/tokens.yaml"], ["--tls-cert", "not a PEM file"]),
+        (["--otlp", "garbage"], ["--otlp", "http(s)://HOST[:PORT] or HOST:PORT"]),
+        (["--otlp", "ftp://collector:4317"], ["--otlp", "http(s)://HOST[:PORT]"]),
+        (["--otlp", "http://collector:99999"], ["--otlp", "bad port"]),
         (["--grpc", "localhost:99999"], ["--grpc", "out of range 0-65535"]),
         (["--grpc", "unix:relative.sock"], ["--grpc", "unix:/ABSOLUTE/PATH"]),
         (["--flow-idle", "1e400"], ["--flow-idle", "finite"]),
@@ -150,6 +154,7 @@ def test_run_option_mistakes(files: Path, args: list[str], needles: list[str]) -
         (["--token", "@{d}/dir"], ["--token", "is a directory"]),
         (["--token", "@{d}/latin1.yaml"], ["--token", "not UTF-8"]),
         (["--server", "localhost:70000"], ["--server", "out of range"]),
+        (["--tls-ca", "{d}/tokens.yaml"], ["--tls-ca", "not a PEM file"]),
     ],
 )
 def test_tail_option_mistakes(files: Path, args: list[str], needles: list[str]) -> None:
@@ -213,6 +218,9 @@ def test_metrics_port_in_use_is_one_line_before_any_probe(files: Path) -> None:
         ("--grpc", "unix:/run/zonewatch/zonewatch.sock"),
         ("--grpc", "unix:///run/zonewatch/zonewatch.sock"),
         ("--flow-idle", "0.5"),
+        ("--otlp", "http://127.0.0.1:4317"),
+        ("--otlp", "https://otel.example.com/v1/logs"),
+        ("--otlp", "localhost:4317"),
         ("--jsonl", "-"),
     ],
 )
