@@ -16,7 +16,7 @@ from zonewatch import __version__
 from zonewatch.errors import ConfigError, ZonewatchError
 from zonewatch.inventory import Inventory
 from zonewatch.inventory.tenants import TenantMap, load_tenants
-from zonewatch.options import count, output_file, seconds
+from zonewatch.options import count, factor, output_file, seconds
 from zonewatch.tui.escape import escape
 
 log = logging.getLogger("zonewatch")
@@ -77,7 +77,7 @@ def _add_rules_commands(sub: Any) -> None:
     replay.add_argument("--jsonl", metavar="FILE|-", default="-", type=output_file,
                         help="alerts to (default -)")  # fmt: skip
     pace = replay.add_mutually_exclusive_group()
-    pace.add_argument("--speed", metavar="X", type=seconds,
+    pace.add_argument("--speed", metavar="X", type=factor,
                       help="replay at X times the recorded pace")  # fmt: skip
     pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
 

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 MAX_SECONDS = 366 * 86400.0  # a year: past it an interval is a typo (and overflows timers)
 MAX_COUNT = 1 << 62
+MAX_FACTOR = 1e6
 MAX_TEXT_FILE_BYTES = 1 << 20  # tokens, tenants, TLS files are a few KiB
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")  # fmt: skip
@@ -27,19 +28,28 @@ def _bad(value: str, what: str) -> argparse.ArgumentTypeError:
     return argparse.ArgumentTypeError(f"{value!r}: {what}")
 
 
-def seconds(value: str) -> float:
-    """A finite, positive number of seconds, at most a year (not nan, inf, 1e400, -3)."""
+def _positive(value: str, what: str, most: float, most_says: str) -> float:
     try:
         number = float(value)
     except ValueError:
         raise _bad(value, "not a number") from None
     if not math.isfinite(number):
-        raise _bad(value, "must be a finite number of seconds")
+        raise _bad(value, f"must be a finite {what}")
     if not number > 0:
         raise _bad(value, "must be > 0")
-    if number > MAX_SECONDS:
-        raise _bad(value, f"must be at most {MAX_SECONDS:.0f} (a year)")
+    if number > most:
+        raise _bad(value, f"must be at most {most_says}")
     return number
+
+
+def seconds(value: str) -> float:
+    """A finite, positive number of seconds, at most a year (not nan, inf, 1e400, -3)."""
+    return _positive(value, "number of seconds", MAX_SECONDS, f"{MAX_SECONDS:.0f} (a year)")
+
+
+def factor(value: str) -> float:
+    """A finite, positive speed-up (replay --speed), at most a million."""
+    return _positive(value, "number", MAX_FACTOR, f"{MAX_FACTOR:.0f}")
 
 
 def _integer(value: str, low: int, what: str) -> int:
@@ -219,6 +229,7 @@ def otlp_endpoint(value: str) -> str:
 
 __all__ = [
     "count",
+    "factor",
     "grpc_address",
     "journal_dir",
     "listen_address",

@@ -161,6 +161,11 @@ def test_tail_option_mistakes(files: Path, args: list[str], needles: list[str]) 
     assert_one_line_error(zonewatch("tail", *(a.format(d=files) for a in args)), *needles)
 
 
+def test_replay_speed_is_a_finite_positive_factor() -> None:
+    for bad, needle in (("inf", "finite"), ("0", "> 0"), ("1e9", "at most 1000000")):
+        assert_one_line_error(zonewatch("replay", "-", "--speed", bad), "--speed", needle)
+
+
 def test_record_and_replay_outputs_are_checked(files: Path) -> None:
     assert_one_line_error(zonewatch("record", "--out", str(files / "dir")), "--out", "directory")
     result = zonewatch("replay", "-", "--jsonl", str(files / "dir"))
