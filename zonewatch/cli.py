@@ -333,7 +333,7 @@ def cmd_zones(args: argparse.Namespace) -> int:
         )
     for z, c in covered:
         for v in c.blind():
-            print(f"{escape(z.name, 60)}: {v.channel} blind ({v.reason}): {escape(v.detail, 400)}")
+            print(f"{escape(z.name, 256)}: {v.channel} blind ({v.reason}): {escape(v.detail, 400)}")
     return 0
 
 
