@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from zonewatch.inventory import procfs
 
 
@@ -43,3 +45,85 @@ def test_real_proc_self() -> None:
     assert os.getpid() in procfs.list_pids(Path("/proc"))
     assert os.getpid() in procfs.thread_comms(Path("/proc"), os.getpid())
     assert procfs.tap_names(Path("/proc"), os.getpid()) == []
+
+
+def test_unix_socket_path_of_a_real_listener_and_the_connection_it_accepted(
+    tmp_path: Path,
+) -> None:
+    """As virtiofsd holds it: the inherited listener, then the accepted connection; both
+    carry the bound path in this namespace's /proc/PID/net/unix."""
+    import socket
+
+    proc = Path("/proc")
+    path = str(tmp_path / "vhost-fs.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        inode = procfs.socket_inode(proc, os.getpid(), listener.fileno())
+        assert inode == os.fstat(listener.fileno()).st_ino
+        assert procfs.unix_socket_path(proc, os.getpid(), inode) == path
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+            accepted, _ = listener.accept()
+            with accepted:
+                accepted_inode = procfs.socket_inode(proc, os.getpid(), accepted.fileno())
+                assert accepted_inode is not None and accepted_inode != inode
+                assert procfs.unix_socket_path(proc, os.getpid(), accepted_inode) == path
+                client_inode = procfs.socket_inode(proc, os.getpid(), client.fileno())
+                assert client_inode is not None
+                assert procfs.unix_socket_path(proc, os.getpid(), client_inode) is None
+    r, w = os.pipe()
+    try:
+        assert procfs.socket_inode(proc, os.getpid(), r) is None
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def make_jail(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake /proc whose process 5 is chrooted into `jail`."""
+    jail = tmp_path / "jail"
+    (jail / "etc" / "fc").mkdir(parents=True)
+    (jail / "etc" / "fc" / "config.json").write_bytes(b"inside")
+    (jail / "rel-link").symlink_to("etc/fc/config.json")
+    (jail / "abs-link").symlink_to("/etc/fc/config.json")
+    (jail / "escape").symlink_to("../../outside")
+    (tmp_path / "outside").write_bytes(b"host secret")
+    (tmp_path / "etc" / "fc").mkdir(parents=True)
+    (tmp_path / "etc" / "fc" / "config.json").write_bytes(b"host file")
+    proc = tmp_path / "proc"
+    (proc / "5").mkdir(parents=True)
+    (proc / "5" / "root").symlink_to(jail)
+    (proc / "5" / "cwd").symlink_to(jail / "etc")
+    return proc, jail
+
+
+def test_read_file_in_root_stays_in_the_processes_root(tmp_path: Path) -> None:
+    proc, _jail = make_jail(tmp_path)
+    assert procfs.read_file_in_root(proc, 5, "/etc/fc/config.json", 100) == b"inside"
+    assert procfs.read_file_in_root(proc, 5, "fc/config.json", 100) == b"inside"  # from cwd
+    assert procfs.read_file_in_root(proc, 5, "/rel-link", 100) == b"inside"
+    assert procfs.read_file_in_root(proc, 5, "/abs-link", 100) == b"inside"  # jail's /etc
+    assert procfs.read_file_in_root(proc, 5, "/etc/fc/config.json", 3) == b"insi"  # limit+1
+    for escaping in ("/escape", "/../outside", "/../../outside", "../../outside"):
+        with pytest.raises(OSError):
+            procfs.read_file_in_root(proc, 5, escaping, 100)
+    with pytest.raises(OSError):
+        procfs.read_file_in_root(proc, 5, "/etc", 100)  # a directory
+    with pytest.raises(OSError):
+        procfs.read_file_in_root(proc, 6, "/etc/fc/config.json", 100)  # no such process
+
+
+def test_without_openat2_no_link_or_dotdot_is_followed(tmp_path: Path) -> None:
+    """The fallback for kernels before 5.6: stricter (links refused), never out of root."""
+    _proc, jail = make_jail(tmp_path)
+    dirfd = os.open(jail, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = procfs._open_beneath_without_links(dirfd, "etc/fc/config.json")
+        assert os.read(fd, 100) == b"inside"
+        os.close(fd)
+        for refused in ("rel-link", "abs-link", "escape", "../outside", "etc/../../outside", ""):
+            with pytest.raises(OSError):
+                procfs._open_beneath_without_links(dirfd, refused)
+    finally:
+        os.close(dirfd)

@@ -3,7 +3,10 @@ every reader returns None (or empty) then, never raises."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,3 +96,142 @@ def tap_names(proc: Path, pid: int) -> list[str]:
             if line.startswith("iff:"):
                 names.append(line.split(":", 1)[1].strip())
     return sorted(set(names))
+
+
+def netns(proc: Path, pid: int) -> str | None:
+    """The process's network namespace, as `readlink /proc/PID/ns/net` names it."""
+    try:
+        return os.readlink(proc / str(pid) / "ns" / "net")
+    except OSError:
+        return None
+
+
+def socket_inode(proc: Path, pid: int, fd: int) -> int | None:
+    """The inode of the socket open at `fd` of the process; None if that fd is no socket."""
+    target = fd_target(proc, pid, fd)
+    if target is None or not target.startswith("socket:[") or not target.endswith("]"):
+        return None
+    number = target[len("socket:[") : -1]
+    return int(number) if number.isascii() and number.isdigit() else None
+
+
+# /proc/PID/net/unix has a line of ~100 bytes per socket of the namespace; past this much
+# a table is not read further (the answer is then "not found", never a wrong path).
+MAX_UNIX_TABLE_BYTES = 32 * 1024 * 1024
+
+
+def unix_socket_path(proc: Path, pid: int, inode: int) -> str | None:
+    """The path a unix socket is bound to (a listening socket, or a connection it accepted,
+    which carries the listener's address), from /proc/PID/net/unix: the table of PID's
+    network namespace, where the socket must have been made. None when it is not there,
+    unbound, abstract, or named twice (a bound path may hold a newline: a second line with
+    this inode is a forgery, and no answer is better than a wrong one)."""
+    wanted = str(inode).encode()
+    found: list[bytes] = []
+    budget = MAX_UNIX_TABLE_BYTES
+    try:
+        with open(proc / str(pid) / "net" / "unix", "rb") as table:
+            for line in table:
+                budget -= len(line)
+                if budget < 0:
+                    return None
+                # Num RefCount Protocol Flags Type St Inode [Path]
+                fields = line.rstrip(b"\n").split(None, 7)
+                if len(fields) >= 7 and fields[6] == wanted:
+                    found.append(fields[7] if len(fields) == 8 else b"")
+    except OSError:
+        return None
+    if len(found) != 1 or not found[0].startswith(b"/"):
+        return None
+    return os.fsdecode(found[0])
+
+
+def read_file_in_root(proc: Path, pid: int, path: str, limit: int) -> bytes:
+    """A regular file a process names (a VMM's config file), read as that process sees it:
+    an absolute path inside its root (/proc/PID/root: a jail's chroot), a relative one
+    below its working directory; links are never followed out of that root (openat2
+    RESOLVE_IN_ROOT, or, on kernels without it, no link or `..` at all). At most
+    `limit` + 1 bytes are read, so a caller can tell a file that is too large. Raises
+    OSError (a FIFO, a device or a directory is refused without blocking)."""
+    base = proc / str(pid) / ("root" if path.startswith("/") else "cwd")
+    relative = path.lstrip("/") or "."
+    dirfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = _open_in_root(dirfd, relative)
+    finally:
+        os.close(dirfd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+_SYS_OPENAT2 = 437  # the same number on every architecture (added after the table merge)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    )
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _openat2_in_root(dirfd: int, path: str) -> int:
+    """openat2(dirfd, path, RESOLVE_IN_ROOT): `..` and absolute links stop at dirfd."""
+    global _libc  # noqa: PLW0603 (loaded once, on first use)
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    how = _OpenHow(_READ_FLAGS, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    fd: int = _libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dirfd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+def _open_beneath_without_links(dirfd: int, path: str) -> int:
+    """The fallback without openat2: one component at a time, refusing `..` and every
+    symbolic link, so nothing leads out of dirfd."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise OSError(errno.EXDEV, "path leaves the process's root", path)
+    current = dirfd
+    try:
+        for part in parts[:-1]:
+            step = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=current)
+            if current != dirfd:
+                os.close(current)
+            current = step
+        return os.open(parts[-1], _READ_FLAGS | os.O_NOFOLLOW, dir_fd=current)
+    finally:
+        if current != dirfd:
+            os.close(current)
+
+
+def _open_in_root(dirfd: int, path: str) -> int:
+    try:
+        return _openat2_in_root(dirfd, path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter
+            raise
+    return _open_beneath_without_links(dirfd, path)
