@@ -245,46 +245,61 @@ def c_virtiofsd(source: str, fd: int = 3) -> list[str]:
             "-o", "cache=auto", "-o", "no_posix_lock", "-f"]  # fmt: skip
 
 
-def test_inherited_socket_ties_virtiofsd_and_its_forked_child_to_the_zone(tmp_path: Path) -> None:
-    """The parent's fd 3 is bound to the VMM's vhost-user socket (its namespace's
-    net/unix says so); the child it forked in namespaces of its own has the same argv and
-    no such socket: it belongs to the zone by parentage. The shared dir names no sandbox,
-    so neither could be matched by the sandbox id."""
+def test_inherited_listener_ties_virtiofsd_before_the_vmm_connects(tmp_path: Path) -> None:
+    """Its fd 3 is the listening socket, bound to the VMM's vhost-user socket path (its
+    namespace's net/unix says so). The shared dir names no sandbox, so the socket alone
+    ties it."""
     proc = FakeProc(tmp_path / "proc")
     sock = "/run/vc/vm/x/vhost-fs.sock"
     proc.spawn(600, kata_qemu(SANDBOX, sock), comm="qemu-system-x86")
     proc.spawn(
         700, c_virtiofsd("/srv/pod/shared"), comm="virtiofsd", ppid=650,
-        fds={3: "socket:[17105]"}, net_unix=unix_line(9, "/x") + unix_line(17105, sock),
-    )  # fmt: skip
-    proc.spawn(
-        701, c_virtiofsd("/srv/pod/shared"), comm="virtiofsd", ppid=700,
-        fds={3: "/1/task", 4: "socket:[17105]"}, netns="net:[4026532999]",
+        fds={3: "socket:[555]"}, net_unix=unix_line(9, "/x") + unix_line(555, sock),
     )  # fmt: skip
     inv = Inventory(TenantMap.empty(), {"kataShared": "/run/kata-containers/shared/containers"},
                     proc=proc.root, platform=CriBundles(tmp_path / "bundles"))  # fmt: skip
     (zone,) = inv.refresh().added
-    assert zone.helper_pids == (700, 701)
+    assert zone.helper_pids == (700,)
     assert [(s.tag, s.host_path, s.backend, s.guest_path) for s in zone.shares] == [
         ("kataShared", "/srv/pod/shared", "virtiofs", "/run/kata-containers/shared/containers")
     ]
-    assert inv.zone_pids() == {600: zone.key, 700: zone.key, 701: zone.key}
+    assert inv.zone_pids() == {600: zone.key, 700: zone.key}
     assert not inv.refresh()  # stable: the share is not added again on each scan
 
 
-def test_inherited_socket_found_in_the_parents_namespace(tmp_path: Path) -> None:
-    """A virtiofsd that is already in another namespace than its socket's: the parent's
-    table (the namespace the socket was made in) names the path."""
+def test_accepted_connection_found_in_the_starters_namespace(tmp_path: Path) -> None:
+    """Once the VMM connected, as the C virtiofsd is then: the listener (fd 3) is closed,
+    the accepted connection (fd 4) carries its address; the virtiofsd unshared its network
+    namespace and forked a worker, so the socket is listed only in the namespace of the
+    process that started it (the shim). Both processes are the zone's."""
     proc = FakeProc(tmp_path / "proc")
-    sock = "/run/vfs/kz.sock"
+    sock = "/run/vc/vm/x/vhost-fs.sock"
     proc.spawn(600, kata_qemu(SANDBOX, sock))
     proc.spawn(650, ["/usr/bin/containerd-shim-kata-v2"], comm="containerd-shim",
-               net_unix=unix_line(555, sock))  # fmt: skip
+               net_unix=unix_line(17105, sock))  # fmt: skip
+    private = "net:[4026532999]"
     proc.spawn(700, c_virtiofsd("/srv/x"), comm="virtiofsd", ppid=650,
-               fds={3: "socket:[555]"}, netns="net:[4026532999]")  # fmt: skip
+               fds={4: "socket:[17105]"}, netns=private)  # fmt: skip
+    proc.spawn(701, c_virtiofsd("/srv/x"), comm="virtiofsd", ppid=700,
+               fds={3: "/1/task", 4: "socket:[17105]", 5: "/"}, netns=private)  # fmt: skip
     inv = Inventory(proc=proc.root, platform=CriBundles(tmp_path / "b"))
     (zone,) = inv.refresh().added
-    assert zone.helper_pids == (700,)
+    assert zone.helper_pids == (700, 701)
+    assert [s.host_path for s in zone.shares] == ["/srv/x"]  # one share for both
+
+
+def test_a_virtiofsd_forked_by_a_helper_is_the_zones_by_parentage(tmp_path: Path) -> None:
+    """The worker holds no socket and its folder names no sandbox: its parent ties it."""
+    proc = FakeProc(tmp_path / "proc")
+    proc.spawn(600, kata_qemu(SANDBOX, "/run/a.sock"))
+    argv = ["virtiofsd", "--socket-path=/run/a.sock", "-o", "source=/srv/a"]
+    proc.spawn(700, argv, comm="virtiofsd")
+    proc.spawn(701, argv, comm="virtiofsd", ppid=700, fds={3: "/1/task"})
+    proc.spawn(702, argv[:1] + argv[2:], comm="virtiofsd", ppid=701)  # a grandchild
+    proc.spawn(710, ["virtiofsd", "--fd=3", "-o", "source=/srv/b"], comm="virtiofsd", ppid=1)
+    inv = Inventory(proc=proc.root, platform=CriBundles(tmp_path / "b"))
+    (zone,) = inv.refresh().added
+    assert zone.helper_pids == (700, 701, 702)
 
 
 def test_kata_sandbox_id_in_the_shared_dir_ties_virtiofsd(tmp_path: Path) -> None:
@@ -486,6 +501,8 @@ def test_kata_zone_gets_k8s_labels_and_its_namespace_as_tenant(tmp_path: Path) -
     import orjson
 
     from zonewatch.api.convert import zone_pb
+    from zonewatch.exporters.otlp import alert_attributes
+    from zonewatch.model import Alert, Severity
 
     write_bundle(tmp_path / "bundles", SANDBOX, cri("shop"))
     _proc, inv = kata_zone(tmp_path)
@@ -500,6 +517,14 @@ def test_kata_zone_gets_k8s_labels_and_its_namespace_as_tenant(tmp_path: Path) -
     assert zone.tenant == "shop"
     assert orjson.loads(orjson.dumps(zone.to_json()))["labels"]["k8s.namespace"] == "shop"
     assert zone_pb(zone).labels["k8s.pod.name"] == "web-0"
+    alert = Alert(1, zone.ref, "rule", Severity.HIGH, "summary", (), {}, 1, 1, 1, seq=1)
+    otlp = alert_attributes(alert, zone.labels)
+    assert (otlp["k8s.namespace.name"], otlp["k8s.pod.name"], otlp["k8s.pod.uid"]) == (
+        "shop",
+        "web-0",
+        "5e1c-uid",
+    )
+    assert otlp["zonewatch.tenant.id"] == "shop"
 
 
 def test_tenants_file_entries_come_before_the_namespace(tmp_path: Path) -> None:

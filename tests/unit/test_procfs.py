@@ -59,22 +59,25 @@ def test_unix_socket_path_of_a_real_listener_and_the_connection_it_accepted(
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(path)
         listener.listen(1)
-        inode = procfs.socket_inode(proc, os.getpid(), listener.fileno())
-        assert inode == os.fstat(listener.fileno()).st_ino
-        assert procfs.unix_socket_path(proc, os.getpid(), inode) == path
+        inode = os.fstat(listener.fileno()).st_ino
+        assert procfs.socket_inodes(proc, os.getpid(), first=listener.fileno())[0] == inode
+        assert procfs.unix_socket_paths(proc, os.getpid(), [inode]) == {inode: path}
         with socket.socket(socket.AF_UNIX) as client:
             client.connect(path)
             accepted, _ = listener.accept()
             with accepted:
-                accepted_inode = procfs.socket_inode(proc, os.getpid(), accepted.fileno())
-                assert accepted_inode is not None and accepted_inode != inode
-                assert procfs.unix_socket_path(proc, os.getpid(), accepted_inode) == path
-                client_inode = procfs.socket_inode(proc, os.getpid(), client.fileno())
-                assert client_inode is not None
-                assert procfs.unix_socket_path(proc, os.getpid(), client_inode) is None
+                accepted_inode = os.fstat(accepted.fileno()).st_ino
+                client_inode = os.fstat(client.fileno()).st_ino
+                held = procfs.socket_inodes(proc, os.getpid(), first=accepted.fileno())
+                assert held[0] == accepted_inode and {inode, client_inode} <= set(held)
+                # The accepted connection carries the listener's path; the client, unbound,
+                # has none.
+                assert procfs.unix_socket_paths(
+                    proc, os.getpid(), [accepted_inode, client_inode]
+                ) == {accepted_inode: path}
     r, w = os.pipe()
     try:
-        assert procfs.socket_inode(proc, os.getpid(), r) is None
+        assert os.fstat(r).st_ino not in procfs.socket_inodes(proc, os.getpid(), first=r)
     finally:
         os.close(r)
         os.close(w)

@@ -32,6 +32,8 @@ from zonewatch.model import Share, Zone, zone_pids
 
 # How long a vanished zone stays resolvable by key, for records still in flight.
 TOMBSTONE_SECONDS = 30.0
+# A virtiofsd's own namespace and its starters' up to this far (itself, the shim, ...).
+_ANCESTORS_LOOKED_AT = 4
 
 
 @dataclass(slots=True, frozen=True)
@@ -39,9 +41,9 @@ class _Classified:
     identity: tuple[int, str]  # (start time, comm): changes on pid reuse and on exec
     vmm: VmmSpec | None
     virtiofsd: VirtiofsdSpec | None
-    # A virtiofsd's vhost-user socket: from its argv, or the path its inherited socket
-    # (--fd) is bound to; "" if neither is known.
-    helper_socket: str = ""
+    # A virtiofsd's vhost-user socket: from its argv, or the paths its sockets (the one it
+    # inherited with --fd, or the connection it accepted there) are bound to.
+    helper_sockets: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,7 +53,7 @@ class _Helper:
     pid: int
     ppid: int
     spec: VirtiofsdSpec
-    socket: str  # see _Classified.helper_socket
+    sockets: tuple[str, ...]  # see _Classified.helper_sockets
     sandbox: str  # the Kata sandbox id its shared directory's path names; "" if none
 
 
@@ -110,7 +112,7 @@ class Inventory:
             if classified.virtiofsd is not None:
                 sandbox = kata_sandbox_id(classified.virtiofsd.shared_dir)
                 helpers.append(
-                    _Helper(pid, ppid, classified.virtiofsd, classified.helper_socket, sandbox)
+                    _Helper(pid, ppid, classified.virtiofsd, classified.helper_sockets, sandbox)
                 )
             if classified.vmm is not None:
                 zone = self._zone_for(pid, classified.identity[0], classified.vmm)
@@ -149,33 +151,37 @@ class Inventory:
 
         vmm = parse_vmm_cmdline(argv, read_file=read_file) if argv else None
         virtiofsd = parse_virtiofsd_cmdline(argv) if argv else None
-        socket = ""
-        if virtiofsd is not None:
-            socket = virtiofsd.socket_path or self._inherited_socket(pid, stat.ppid, virtiofsd)
-        classified = _Classified(identity, vmm, virtiofsd, utf8_text(socket))
+        sockets: tuple[str, ...] = ()
+        if virtiofsd is not None and virtiofsd.socket_path:
+            sockets = (utf8_text(virtiofsd.socket_path),)
+        elif virtiofsd is not None and virtiofsd.socket_fd >= 0:
+            sockets = self._inherited_sockets(pid, virtiofsd.socket_fd)
+        classified = _Classified(identity, vmm, virtiofsd, sockets)
         self._cache[pid] = classified
         return classified, stat.ppid
 
-    def _inherited_socket(self, pid: int, ppid: int, spec: VirtiofsdSpec) -> str:
-        """The path of a virtiofsd's inherited socket (`--fd=N`, as Kata starts it): the
-        listening socket, or once the VMM connected the connection it accepted, which
-        carries the same address. The socket is in the namespace that made it: the
-        virtiofsd's own, or its parent's (a virtiofsd may unshare its network namespace)."""
-        if spec.socket_fd < 0:
-            return ""
-        inode = procfs.socket_inode(self._proc, pid, spec.socket_fd)
-        if inode is None:
-            return ""
-        tables_read: set[str | None] = set()
-        for candidate in (pid, ppid):
+    def _inherited_sockets(self, pid: int, socket_fd: int) -> tuple[str, ...]:
+        """Where a virtiofsd's sockets are bound, for one started with `--fd=N` (as Kata
+        does): its fd N is the listening socket until the VMM connects; then the listener
+        is closed and the accepted connection (at another fd) carries the same address.
+        A socket is listed in the table of the namespace that made it, and virtiofsd
+        unshares its own network namespace once connected: the tables of its ancestors'
+        namespaces (its starter's) are read too."""
+        inodes = procfs.socket_inodes(self._proc, pid, first=socket_fd)
+        paths: dict[int, str] = {}
+        tables_read: set[str] = set()
+        candidate: int | None = pid
+        for _ in range(_ANCESTORS_LOOKED_AT):
+            if candidate is None or candidate <= 0 or len(paths) == len(inodes):
+                break
             namespace = procfs.netns(self._proc, candidate)
-            if namespace is not None and namespace in tables_read:
-                continue
-            tables_read.add(namespace)
-            path = procfs.unix_socket_path(self._proc, candidate, inode)
-            if path:
-                return path
-        return ""
+            if namespace is not None and namespace not in tables_read:
+                tables_read.add(namespace)
+                left = [i for i in inodes if i not in paths]
+                paths.update(procfs.unix_socket_paths(self._proc, candidate, left))
+            stat = procfs.read_stat(self._proc, candidate)
+            candidate = stat.ppid if stat is not None else None
+        return tuple(utf8_text(paths[i]) for i in inodes if i in paths)
 
     def _zone_for(self, pid: int, start_time: int, spec: VmmSpec) -> Zone:
         zone_id = f"{spec.vmm}-{pid}-{start_time}"
@@ -241,7 +247,7 @@ class Inventory:
                 by_sandbox.setdefault(sandbox, zone.id)
         owner: dict[int, str] = {}
         for helper in helpers:
-            zone_id = by_socket.get(helper.socket) if helper.socket else None
+            zone_id = next((by_socket[s] for s in helper.sockets if s in by_socket), None)
             if zone_id is None and helper.sandbox:
                 zone_id = by_sandbox.get(helper.sandbox)
             if zone_id is not None:

@@ -33,6 +33,7 @@ __all__ = [
     "LABEL_K8S_POD_NAME",
     "LABEL_K8S_POD_UID",
     "MAX_BUNDLE_CONFIG_BYTES",
+    "OTEL_K8S_ATTRIBUTES",
     "CriBundles",
     "cri_labels",
 ]
@@ -47,6 +48,12 @@ CRI_ANNOTATION_LABELS: Final = {
     "io.kubernetes.cri.sandbox-namespace": LABEL_K8S_NAMESPACE,
     "io.kubernetes.cri.sandbox-name": LABEL_K8S_POD_NAME,
     "io.kubernetes.cri.sandbox-uid": LABEL_K8S_POD_UID,
+}
+# The same, as OpenTelemetry's semantic conventions name them (OTLP attributes).
+OTEL_K8S_ATTRIBUTES: Final = {
+    LABEL_K8S_NAMESPACE: "k8s.namespace.name",
+    LABEL_K8S_POD_NAME: "k8s.pod.name",
+    LABEL_K8S_POD_UID: "k8s.pod.uid",
 }
 # An OCI config is a few KiB; the sandbox's holds no container spec of size.
 MAX_BUNDLE_CONFIG_BYTES: Final = 1024 * 1024

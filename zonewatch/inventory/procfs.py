@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,13 +107,31 @@ def netns(proc: Path, pid: int) -> str | None:
         return None
 
 
-def socket_inode(proc: Path, pid: int, fd: int) -> int | None:
-    """The inode of the socket open at `fd` of the process; None if that fd is no socket."""
-    target = fd_target(proc, pid, fd)
-    if target is None or not target.startswith("socket:[") or not target.endswith("]"):
-        return None
-    number = target[len("socket:[") : -1]
-    return int(number) if number.isascii() and number.isdigit() else None
+MAX_SOCKET_FDS = 64  # a backend's sockets looked at (virtiofsd holds a handful)
+
+
+def socket_inodes(proc: Path, pid: int, first: int = -1) -> list[int]:
+    """The inodes of the sockets the process holds, the one at fd `first` (if it is a
+    socket) first; at most MAX_SOCKET_FDS."""
+    fd_dir = proc / str(pid) / "fd"
+    try:
+        fds = sorted(int(fd) for fd in os.listdir(fd_dir) if fd.isdigit())
+    except OSError:
+        return []
+    if first in fds:
+        fds.remove(first)
+        fds.insert(0, first)
+    inodes: list[int] = []
+    for fd in fds:
+        target = fd_target(proc, pid, fd)
+        if target is None or not target.startswith("socket:[") or not target.endswith("]"):
+            continue
+        number = target[len("socket:[") : -1]
+        if number.isascii() and number.isdigit() and int(number) not in inodes:
+            inodes.append(int(number))
+            if len(inodes) >= MAX_SOCKET_FDS:
+                break
+    return inodes
 
 
 # /proc/PID/net/unix has a line of ~100 bytes per socket of the namespace; past this much
@@ -120,30 +139,34 @@ def socket_inode(proc: Path, pid: int, fd: int) -> int | None:
 MAX_UNIX_TABLE_BYTES = 32 * 1024 * 1024
 
 
-def unix_socket_path(proc: Path, pid: int, inode: int) -> str | None:
-    """The path a unix socket is bound to (a listening socket, or a connection it accepted,
-    which carries the listener's address), from /proc/PID/net/unix: the table of PID's
-    network namespace, where the socket must have been made. None when it is not there,
-    unbound, abstract, or named twice (a bound path may hold a newline: a second line with
-    this inode is a forgery, and no answer is better than a wrong one)."""
-    wanted = str(inode).encode()
-    found: list[bytes] = []
+def unix_socket_paths(proc: Path, pid: int, inodes: Iterable[int]) -> dict[int, str]:
+    """The paths these unix sockets are bound to (a listening socket, or a connection it
+    accepted, which carries the listener's address), from /proc/PID/net/unix: the table of
+    PID's network namespace, where a socket must have been made to be listed. A socket
+    that is not there, unbound, abstract, or listed twice is left out (a bound path may
+    hold a newline: a second line with its inode is a forgery, and no answer is better
+    than a wrong one)."""
+    wanted = {str(inode).encode(): inode for inode in inodes}
+    found: dict[int, list[bytes]] = {}
     budget = MAX_UNIX_TABLE_BYTES
     try:
         with open(proc / str(pid) / "net" / "unix", "rb") as table:
             for line in table:
                 budget -= len(line)
                 if budget < 0:
-                    return None
+                    return {}
                 # Num RefCount Protocol Flags Type St Inode [Path]
                 fields = line.rstrip(b"\n").split(None, 7)
-                if len(fields) >= 7 and fields[6] == wanted:
-                    found.append(fields[7] if len(fields) == 8 else b"")
+                if len(fields) >= 7 and fields[6] in wanted:
+                    path = fields[7] if len(fields) == 8 else b""
+                    found.setdefault(wanted[fields[6]], []).append(path)
     except OSError:
-        return None
-    if len(found) != 1 or not found[0].startswith(b"/"):
-        return None
-    return os.fsdecode(found[0])
+        return {}
+    return {
+        inode: os.fsdecode(paths[0])
+        for inode, paths in found.items()
+        if len(paths) == 1 and paths[0].startswith(b"/")
+    }
 
 
 def read_file_in_root(proc: Path, pid: int, path: str, limit: int) -> bytes:
