@@ -621,3 +621,30 @@ def test_set_tenants_moves_existing_zones(tmp_path: Path) -> None:
     (moved,) = change.updated
     assert inv.by_key(moved.key) == moved and inv.zones[moved.id] == moved
     assert not inv.refresh()  # the next scan keeps the new tenant
+
+
+def test_kata_firecracker_in_its_jail_is_known_by_the_jails_path(tmp_path: Path) -> None:
+    """Kata's jailer: chroot /run/vc/firecracker/<id>/root, argv paths inside the jail, taps
+    set over the API (only the tun fd's fdinfo names them). The jail's path names the
+    sandbox, so the zone gets its kata.sandbox label, name and pod labels."""
+    jail = tmp_path / "run" / "vc" / "firecracker" / SANDBOX / "root"
+    jail.mkdir(parents=True)
+    write_bundle(tmp_path / "bundles", SANDBOX, cri("shop"))
+    proc = FakeProc(tmp_path / "proc")
+    argv = ["/firecracker", "--id", SANDBOX[:20], "--start-time-us", "1",
+            "--api-sock", "/run/firecracker.socket"]  # fmt: skip
+    proc.spawn(900, argv, comm="firecracker", root=jail, tun_ifaces=("tap0_kata",))
+    proc.spawn(901, argv, comm="firecracker", root=tmp_path / "srv", tun_ifaces=("fc0",))
+    inv = Inventory(proc=proc.root, platform=CriBundles(tmp_path / "bundles"))
+    inv.refresh()
+    zones = {z.pid: z for z in inv.zones.values()}
+    kata = zones[900]
+    assert (kata.vmm, kata.name, kata.tenant, kata.taps) == (
+        Vmm.FIRECRACKER,
+        SANDBOX,
+        "shop",
+        ("tap0_kata",),
+    )
+    assert kata.labels["kata.sandbox"] == SANDBOX and kata.labels["k8s.pod.name"] == "web-0"
+    plain = zones[901]  # jailed elsewhere: no sandbox
+    assert plain.name == SANDBOX[:20] and "kata.sandbox" not in plain.labels

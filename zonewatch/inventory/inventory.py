@@ -150,6 +150,8 @@ class Inventory:
             return procfs.read_file_in_root(self._proc, pid, path, MAX_CONFIG_BYTES)
 
         vmm = parse_vmm_cmdline(argv, read_file=read_file) if argv else None
+        if vmm is not None and LABEL_KATA_SANDBOX not in vmm.labels:
+            vmm = self._kata_jailed(pid, vmm)
         virtiofsd = parse_virtiofsd_cmdline(argv) if argv else None
         sockets: tuple[str, ...] = ()
         if virtiofsd is not None and virtiofsd.socket_path:
@@ -159,6 +161,16 @@ class Inventory:
         classified = _Classified(identity, vmm, virtiofsd, sockets)
         self._cache[pid] = classified
         return classified, stat.ppid
+
+    def _kata_jailed(self, pid: int, spec: VmmSpec) -> VmmSpec:
+        """A VMM Kata runs in a jail (Firecracker under the jailer: chroot
+        /run/vc/firecracker/<id>/root, and an argv whose paths are inside it) is known by
+        its root directory: that names the sandbox."""
+        root = procfs.root_dir(self._proc, pid)
+        sandbox = kata_sandbox_id(root) if root and root != "/" else ""
+        if not sandbox:
+            return spec
+        return replace(spec, name=sandbox, labels={**spec.labels, LABEL_KATA_SANDBOX: sandbox})
 
     def _inherited_sockets(self, pid: int, socket_fd: int) -> tuple[str, ...]:
         """Where a virtiofsd's sockets are bound, for one started with `--fd=N` (as Kata

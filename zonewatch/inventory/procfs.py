@@ -99,6 +99,14 @@ def tap_names(proc: Path, pid: int) -> list[str]:
     return sorted(set(names))
 
 
+def root_dir(proc: Path, pid: int) -> str | None:
+    """The process's root directory (`readlink /proc/PID/root`): "/" unless chrooted."""
+    try:
+        return os.fsdecode(os.readlink(proc / str(pid) / "root"))
+    except OSError:
+        return None
+
+
 def netns(proc: Path, pid: int) -> str | None:
     """The process's network namespace, as `readlink /proc/PID/ns/net` names it."""
     try:
