@@ -106,6 +106,9 @@ class Zone:
     disks: tuple[str, ...] = ()
     helper_pids: tuple[int, ...] = ()  # backend processes acting for the zone (virtiofsd)
     labels: dict[str, str] = field(default_factory=dict)
+    # Zone processes whose "/" is not the host's: pid -> the host directory it is (a jail;
+    # the folder QEMU's virtiofsd pivoted into). Their paths are relative to it.
+    process_roots: dict[int, str] = field(default_factory=dict)
 
     @property
     def ref(self) -> ZoneRef:

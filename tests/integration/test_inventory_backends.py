@@ -174,6 +174,10 @@ def test_real_virtiofsd_with_inherited_socket_and_its_worker_are_the_zones(
     assert [(s.tag, s.host_path, s.backend) for s in zone.shares] == [
         ("kataShared", str(source), "virtiofs")
     ]
+    # The worker pivoted into the shared folder: its paths are relative to it.
+    assert os.readlink(f"/proc/{worker}/root") == "/"
+    assert zone.process_roots.get(worker) == str(source)
+    assert pod.qemu.pid not in zone.process_roots
     assert inventory.zone_pids() == {
         pod.qemu.pid: zone.key,
         pod.virtiofsd.pid: zone.key,

@@ -429,6 +429,7 @@ def test_jailed_firecracker_config_is_read_inside_the_jail(tmp_path: Path) -> No
     assert zone.vmm == Vmm.FIRECRACKER and zone.name == "vm1"
     assert zone.disks == ("/rootfs.ext4",)
     assert zone.taps == ("fc-tap0",)
+    assert zone.process_roots == {900: str(jail)}  # its paths are the jail's
 
 
 def test_jailed_firecracker_relative_config_from_its_cwd(tmp_path: Path) -> None:

@@ -130,3 +130,45 @@ def test_without_openat2_no_link_or_dotdot_is_followed(tmp_path: Path) -> None:
                 procfs._open_beneath_without_links(dirfd, refused)
     finally:
         os.close(dirfd)
+
+
+def pivoted(tmp_path: Path, their_root: str, ours: list[str]) -> Path:
+    """A fake /proc: process 7 in a mount namespace of its own whose / is `their_root` of
+    device 254:0; the reader ("self") with the mounts `ours` (root, mount point) of 254:0."""
+    proc = tmp_path / "proc"
+    for pid, ns in (("7", "mnt:[4026532174]"), ("self", "mnt:[4026531832]")):
+        (proc / pid / "ns").mkdir(parents=True)
+        (proc / pid / "ns" / "mnt").symlink_to(ns)
+    (proc / "7" / "root").symlink_to("/")
+    (proc / "7" / "mountinfo").write_text(
+        f"76 49 254:0 {their_root} / rw,relatime - ext4 /dev/vda rw\n"
+    )
+    lines = [f"{27 + i} 1 254:0 {root} {point} rw - ext4 /dev/vda rw" for i, (root, point)
+             in enumerate(r.split(" ") for r in ours)]  # fmt: skip
+    lines.append("99 1 0:5 / /proc rw - proc proc rw")
+    (proc / "self" / "mountinfo").write_text("\n".join(lines) + "\n")
+    return proc
+
+
+def test_root_of_a_process_pivoted_in_its_own_mount_namespace(tmp_path: Path) -> None:
+    proc = pivoted(tmp_path / "a", "/run/kata/shared", ["/ /"])
+    assert procfs.root_on_host(proc, 7) == "/run/kata/shared"
+    # The reader sees that filesystem mounted elsewhere, from a subfolder.
+    proc = pivoted(tmp_path / "b", "/data/pods/x", ["/data /srv/data"])
+    assert procfs.root_on_host(proc, 7) == "/srv/data/pods/x"
+    # Octal escapes of mountinfo (a space in the folder's name).
+    proc = pivoted(tmp_path / "c", "/run/my\\040share", ["/ /"])
+    assert procfs.root_on_host(proc, 7) == "/run/my share"
+    # A folder the reader cannot reach: unknown, never a guess.
+    proc = pivoted(tmp_path / "d", "/x", ["/other /mnt"])
+    assert procfs.root_on_host(proc, 7) is None
+    # Another namespace, same root as ours: nothing to translate.
+    proc = pivoted(tmp_path / "e", "/", ["/ /"])
+    assert procfs.root_on_host(proc, 7) is None
+
+
+def test_root_of_a_chroot_and_of_a_plain_process(tmp_path: Path) -> None:
+    proc, jail = make_jail(tmp_path)
+    assert procfs.root_on_host(proc, 5) == str(jail)
+    assert procfs.root_on_host(Path("/proc"), os.getpid()) is None
+    assert procfs.root_on_host(proc, 99) is None  # gone

@@ -44,6 +44,8 @@ class _Classified:
     # A virtiofsd's vhost-user socket: from its argv, or the paths its sockets (the one it
     # inherited with --fd, or the connection it accepted there) are bound to.
     helper_sockets: tuple[str, ...] = ()
+    # Where its "/" is on the host, if not the host's own (procfs.root_on_host).
+    root: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -158,7 +160,8 @@ class Inventory:
             sockets = (utf8_text(virtiofsd.socket_path),)
         elif virtiofsd is not None and virtiofsd.socket_fd >= 0:
             sockets = self._inherited_sockets(pid, virtiofsd.socket_fd)
-        classified = _Classified(identity, vmm, virtiofsd, sockets)
+        root = procfs.root_on_host(self._proc, pid) if vmm or virtiofsd else None
+        classified = _Classified(identity, vmm, virtiofsd, sockets, root and utf8_text(root))
         self._cache[pid] = classified
         return classified, stat.ppid
 
@@ -294,7 +297,14 @@ class Inventory:
                 tag = helper.spec.tag or f"virtiofs-{helper.pid}"
                 share = Share(tag, helper.spec.shared_dir, "virtiofs")
                 shares.append(self._guest_mounted(_utf8_share(share)))
-        return replace(zone, helper_pids=tuple(h.pid for h in helpers), shares=tuple(shares))
+        pids = (zone.pid, *(h.pid for h in helpers))
+        roots = {pid: c.root for pid in pids if (c := self._cache.get(pid)) and c.root}
+        return replace(
+            zone,
+            helper_pids=tuple(h.pid for h in helpers),
+            shares=tuple(shares),
+            process_roots=roots,
+        )
 
     def _apply(self, seen: dict[str, Zone]) -> InventoryChange:
         change = InventoryChange()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import posixpath
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -105,6 +107,69 @@ def root_dir(proc: Path, pid: int) -> str | None:
         return os.fsdecode(os.readlink(proc / str(pid) / "root"))
     except OSError:
         return None
+
+
+MAX_MOUNTINFO_BYTES = 8 * 1024 * 1024  # ~150 bytes a mount; a larger table is not read
+
+
+def root_on_host(proc: Path, pid: int) -> str | None:
+    """The process's root directory as a path the reader (the agent) can use, when it is
+    not the reader's own root: a chroot (the kernel names it), or the root a process
+    pivoted into in a mount namespace of its own (QEMU's C virtiofsd pivots into the folder
+    it shares), found by matching its root mount to one of the reader's mounts of the same
+    device. None when it is the reader's root, or cannot be told. The process's paths
+    (its fds' links, absolute names it opens) are then relative to this directory."""
+    root = root_dir(proc, pid)
+    if root is None:
+        return None
+    if root != "/":
+        return root
+    try:
+        if os.readlink(proc / str(pid) / "ns" / "mnt") == os.readlink(proc / "self" / "ns" / "mnt"):
+            return None
+    except OSError:
+        return None
+    theirs = [m for m in _mounts(proc / str(pid) / "mountinfo") if m[2] == "/"]
+    if not theirs:
+        return None
+    device, their_root, _ = theirs[-1]  # the last mount on / is the one in use
+    best: tuple[str, str] | None = None
+    for dev, mount_root, mount_point in _mounts(proc / "self" / "mountinfo"):
+        inside = mount_root in ("/", their_root) or their_root.startswith(mount_root + "/")
+        if dev == device and inside and (best is None or len(mount_root) > len(best[0])):
+            best = (mount_root, mount_point)
+    if best is None:
+        return None
+    mount_root, mount_point = best
+    rest = their_root[len(mount_root) :] if mount_root != "/" else their_root
+    host = posixpath.normpath(f"{mount_point.rstrip('/')}/{rest.lstrip('/')}")
+    return None if host == "/" else host
+
+
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def _mounts(path: Path) -> list[tuple[str, str, str]]:
+    """(major:minor, root, mount point) of each line of a mountinfo table; [] if unreadable
+    or too large. Paths there escape space, tab, newline and backslash as octal."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MOUNTINFO_BYTES + 1)
+    except OSError:
+        return []
+    if len(data) > MAX_MOUNTINFO_BYTES:
+        return []
+    mounts: list[tuple[str, str, str]] = []
+    for line in data.splitlines():
+        fields = line.split(b" ", 5)
+        if len(fields) < 6:
+            continue
+        root, point = (
+            os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), raw))
+            for raw in (fields[3], fields[4])
+        )
+        mounts.append((fields[2].decode("ascii", "replace"), root, point))
+    return mounts
 
 
 def netns(proc: Path, pid: int) -> str | None:
