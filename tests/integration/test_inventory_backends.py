@@ -73,6 +73,7 @@ class KataLikePod:
                 "-numa", "node,memdev=mem",
                 "-chardev", f"socket,id=char-vfs,path={self.socket_path}",
                 "-device", "vhost-user-fs-pci,chardev=char-vfs,tag=kataShared"]  # fmt: skip
+        self._qemu_argv = qemu
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(self.socket_path)
@@ -80,7 +81,10 @@ class KataLikePod:
             self.virtiofsd = self._spawn(virtiofsd, listener.fileno())
         finally:
             listener.close()
-        self.qemu = self._spawn(qemu)
+
+    def start_vmm(self) -> None:
+        """Start QEMU, which connects to the virtiofsd (as Kata does, right after it)."""
+        self.qemu = self._spawn(self._qemu_argv)
 
     def _spawn(self, argv: list[str], fd3: int | None = None) -> subprocess.Popen[bytes]:
         def hand_over() -> None:  # the listening socket becomes the child's fd 3
@@ -162,11 +166,13 @@ def test_real_virtiofsd_with_inherited_socket_and_its_worker_are_the_zones(
         source = tmp_path / "share"
     else:
         source = tmp_path / f"run/kata-containers/shared/sandboxes/{sandbox}/shared"
+    inventory = Inventory(proc=PROC, platform=CriBundles(tmp_path / "bundles"))
     pod = kata_pod(sandbox, source)
+    # The agent sees the virtiofsd before the VMM connects (listening, at the host's root).
+    assert not inventory.refresh().added
+    pod.start_vmm()
     worker = pod.virtiofsd_child(timeout=10)
     assert os.readlink(f"/proc/{worker}/ns/net") != os.readlink("/proc/self/ns/net")
-
-    inventory = Inventory(proc=PROC, platform=CriBundles(tmp_path / "bundles"))
     zone = wait_zone(inventory, pod.qemu.pid, helpers=2, timeout=10)
     assert zone.vmm == Vmm.KATA
     assert zone.labels["kata.sandbox"] == pod.sandbox
@@ -174,10 +180,16 @@ def test_real_virtiofsd_with_inherited_socket_and_its_worker_are_the_zones(
     assert [(s.tag, s.host_path, s.backend) for s in zone.shares] == [
         ("kataShared", str(source), "virtiofs")
     ]
-    # The worker pivoted into the shared folder: its paths are relative to it.
+    # Both pivoted into the shared folder once QEMU connected (the parent too: they share
+    # the mount namespace it made): their paths are relative to it.
     assert os.readlink(f"/proc/{worker}/root") == "/"
-    assert zone.process_roots.get(worker) == str(source)
-    assert pod.qemu.pid not in zone.process_roots
+    deadline = time.monotonic() + 5
+    while len(zone.process_roots) < 2:
+        assert time.monotonic() < deadline, zone.process_roots
+        time.sleep(0.05)
+        inventory.refresh()
+        zone = inventory.zones[zone.id]
+    assert zone.process_roots == {pod.virtiofsd.pid: str(source), worker: str(source)}
     assert inventory.zone_pids() == {
         pod.qemu.pid: zone.key,
         pod.virtiofsd.pid: zone.key,

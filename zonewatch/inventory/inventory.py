@@ -34,6 +34,9 @@ from zonewatch.model import Share, Zone, zone_pids
 TOMBSTONE_SECONDS = 30.0
 # A virtiofsd's own namespace and its starters' up to this far (itself, the shim, ...).
 _ANCESTORS_LOOKED_AT = 4
+# Scans (0.5 s each in the agent) a virtiofsd's root is looked at again while it is the
+# host's: Kata starts the VMM right after it, and it pivots as soon as the VMM connects.
+_ROOT_TRIES = 60
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,6 +49,7 @@ class _Classified:
     helper_sockets: tuple[str, ...] = ()
     # Where its "/" is on the host, if not the host's own (procfs.root_on_host).
     root: str | None = None
+    root_tries: int = 0  # scans that look at a virtiofsd's root again while it is None
 
 
 @dataclass(slots=True, frozen=True)
@@ -145,6 +149,8 @@ class Inventory:
         identity = (stat.start_time, stat.comm)
         cached = self._cache.get(pid)
         if cached is not None and cached.identity == identity:
+            if cached.root is None and cached.root_tries > 0:
+                cached = self._retry_root(pid, cached)
             return cached, stat.ppid
         argv = procfs.read_cmdline(self._proc, pid)
 
@@ -161,9 +167,19 @@ class Inventory:
         elif virtiofsd is not None and virtiofsd.socket_fd >= 0:
             sockets = self._inherited_sockets(pid, virtiofsd.socket_fd)
         root = procfs.root_on_host(self._proc, pid) if vmm or virtiofsd else None
-        classified = _Classified(identity, vmm, virtiofsd, sockets, root and utf8_text(root))
+        tries = _ROOT_TRIES if virtiofsd is not None and root is None else 0
+        classified = _Classified(identity, vmm, virtiofsd, sockets, root and utf8_text(root), tries)
         self._cache[pid] = classified
         return classified, stat.ppid
+
+    def _retry_root(self, pid: int, classified: _Classified) -> _Classified:
+        """Look at a virtiofsd's root again: seen before the VMM connected, it is at the
+        host's root; it pivots into its folder once the VMM connects."""
+        root = procfs.root_on_host(self._proc, pid)
+        tries = 0 if root is not None else classified.root_tries - 1
+        classified = replace(classified, root=root and utf8_text(root), root_tries=tries)
+        self._cache[pid] = classified
+        return classified
 
     def _kata_jailed(self, pid: int, spec: VmmSpec) -> VmmSpec:
         """A VMM Kata runs in a jail (Firecracker under the jailer: chroot
