@@ -29,6 +29,7 @@ from zonewatch.inventory.tenants import TenantsFile
 from zonewatch.model import Alert, Lost, ZoneRef, ZoneStats
 from zonewatch.pipeline import Attribution
 from zonewatch.probes.base import Probe
+from zonewatch.probes.kvm import KvmProbe
 from zonewatch.probes.net import NetProbe
 from zonewatch.rules.engine import RuleSet
 
@@ -202,7 +203,15 @@ class Agent:
                 return probe.zone_addresses()
         return {}
 
+    def _observe_vcpu_threads(self) -> None:
+        """Tell the inventory which threads the kvm probe saw run KVM_RUN: vCPUs of zones
+        whose VMM leaves its threads unnamed are known only this way."""
+        for probe in self.probes:
+            if isinstance(probe, KvmProbe):
+                self.inventory.observe_vcpu_threads(probe.vcpu_threads())
+
     def _rescan(self) -> None:
+        self._observe_vcpu_threads()
         self._zones_changed(self.inventory.refresh())
 
     def _follow_tenants(self) -> None:

@@ -167,7 +167,9 @@ class DeliveryConfig:
     otlp_protocol: str | None = None
     metrics: str | None = None
     ocsf: str | None = None
-    queue_bound: int = 4096
+    queue_bound: int = 4096  # per gRPC subscriber: alerts, bytes; and bytes per token
+    queue_bytes: int = 4 << 20
+    token_queue_bytes: int = 16 << 20
     heartbeat_s: float = 5.0
 
 
@@ -257,6 +259,8 @@ def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
                     tls_key=config.tls_key,
                     tls_client_ca=config.tls_client_ca,
                     queue_bound=config.queue_bound,
+                    queue_bytes=config.queue_bytes,
+                    token_queue_bytes=config.token_queue_bytes,
                     heartbeat_s=config.heartbeat_s,
                 ),
                 journal,

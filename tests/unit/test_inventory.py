@@ -59,13 +59,14 @@ class FakeProc:
         d = self.root / str(pid)
         for sub in ("task", "fd", "fdinfo", "ns", "net"):
             (d / sub).mkdir(parents=True, exist_ok=True)
-        for fd, target in (fds or {}).items():
-            (d / "fd" / str(fd)).symlink_to(target)
-        (d / "ns" / "net").symlink_to(netns)
-        (d / "net" / "unix").write_text(UNIX_HEADER + net_unix)
+        links = {d / "fd" / str(fd): target for fd, target in (fds or {}).items()}
+        links[d / "ns" / "net"] = netns
         if root is not None:
-            (d / "root").symlink_to(root)
-            (d / "cwd").symlink_to(root)
+            links[d / "root"] = links[d / "cwd"] = str(root)
+        for link, target in links.items():  # spawned again (to add threads): links replaced
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)
+        (d / "net" / "unix").write_text(UNIX_HEADER + net_unix)
         fields = ["S", str(ppid)] + ["0"] * 17 + [str(start_time), "0"]
         (d / "stat").write_text(f"{pid} ({comm}) {' '.join(fields)}")
         (d / "cmdline").write_bytes(b"\0".join(os.fsencode(a) for a in argv) + b"\0")
@@ -649,3 +650,61 @@ def test_kata_firecracker_in_its_jail_is_known_by_the_jails_path(tmp_path: Path)
     assert kata.labels["kata.sandbox"] == SANDBOX and kata.labels["k8s.pod.name"] == "web-0"
     plain = zones[901]  # jailed elsewhere: no sandbox
     assert plain.name == SANDBOX[:20] and "kata.sandbox" not in plain.labels
+
+
+KATA_ARGV = ["/opt/kata/bin/qemu-system-x86_64", "-name", "sandbox-" + "ab" * 32, "-m", "256"]
+UNNAMED = "qemu-system-x86"  # every thread's comm without debug-threads=on
+
+
+def test_vcpu_threads_seen_running_join_a_zone_with_unnamed_threads(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    proc.spawn(500, KATA_ARGV, threads={500: UNNAMED, 501: UNNAMED, 502: UNNAMED, 503: UNNAMED})
+    inv = Inventory(TenantMap.empty(), proc=proc.root)
+    (zone,) = inv.refresh().added
+    assert zone.vcpu_tids == ()  # no name tells the vCPUs apart
+    inv.observe_vcpu_threads({501: zone.key, 503: zone.key})
+    change = inv.refresh()
+    assert [z.vcpu_tids for z in change.updated] == [(501, 503)]
+    assert not inv.refresh()  # the same observation: nothing new
+
+    # vCPU 503 exits: gone from the VMM's task list, so gone even if the last observation
+    # (read before it exited) still names it.
+    (proc.root / "500" / "task" / "503" / "comm").unlink()
+    (proc.root / "500" / "task" / "503").rmdir()
+    change = inv.refresh()
+    assert [z.vcpu_tids for z in change.updated] == [(501,)]
+    # The next observation no longer has it: a thread taking tid 503 in this VMM later is
+    # no vCPU until it is seen running KVM_RUN itself.
+    inv.observe_vcpu_threads({501: zone.key})
+    proc.spawn(500, KATA_ARGV, threads={503: UNNAMED})
+    assert not inv.refresh()
+    assert inv.zones[zone.id].vcpu_tids == (501,)
+
+
+def test_a_seen_tid_only_joins_its_own_zone_while_it_is_that_vmms_thread(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    proc.spawn(500, KATA_ARGV, threads={500: UNNAMED, 501: UNNAMED})
+    proc.spawn(600, KATA_ARGV, threads={600: UNNAMED, 601: UNNAMED})
+    inv = Inventory(TenantMap.empty(), proc=proc.root)
+    zones = {z.pid: z for z in inv.refresh().added}
+    a, b = zones[500], zones[600]
+    # A stale observation: tid 601 seen for zone a (a reused tid, now zone b's thread), and
+    # a key of a zone that is gone.
+    inv.observe_vcpu_threads({501: a.key, 601: a.key, 700: 999})
+    inv.refresh()
+    assert inv.zones[a.id].vcpu_tids == (501,)
+    assert inv.zones[b.id].vcpu_tids == ()
+
+
+def test_named_and_seen_vcpu_threads_are_one_set(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    threads = {4242: "qemu-system-x86", 4250: "CPU 0/KVM", 4251: "CPU 1/KVM", 4252: "worker"}
+    proc.spawn(4242, QEMU_ARGV, threads=threads)
+    inv = Inventory(TenantMap.empty(), proc=proc.root)
+    (zone,) = inv.refresh().added
+    assert zone.vcpu_tids == (4250, 4251)
+    inv.observe_vcpu_threads({4250: zone.key, 4251: zone.key})  # named ones, seen as well
+    assert not inv.refresh()
+    inv.observe_vcpu_threads({})  # a named thread needs no sighting
+    assert not inv.refresh()
+    assert inv.zones[zone.id].vcpu_tids == (4250, 4251)
