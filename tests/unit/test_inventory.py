@@ -708,3 +708,33 @@ def test_named_and_seen_vcpu_threads_are_one_set(tmp_path: Path) -> None:
     inv.observe_vcpu_threads({})  # a named thread needs no sighting
     assert not inv.refresh()
     assert inv.zones[zone.id].vcpu_tids == (4250, 4251)
+
+
+def test_a_backends_root_is_followed_scan_by_scan(tmp_path: Path) -> None:
+    """The C virtiofsd pivots into its folder once the VMM connects (seen before, it is at
+    the host's root), and a backend that changes its root later must not keep its paths
+    placed under the old one."""
+    proc = FakeProc(tmp_path / "proc")
+    shared = KATA_SHARED.format(SANDBOX)
+    (proc.root / "self" / "ns").mkdir(parents=True)
+    (proc.root / "self" / "ns" / "mnt").symlink_to("mnt:[4026531832]")
+    (proc.root / "self" / "mountinfo").write_text("27 1 254:0 / / rw - ext4 /dev/vda rw\n")
+    proc.spawn(600, kata_qemu(SANDBOX))
+    proc.spawn(700, c_virtiofsd(shared), comm="virtiofsd", root=Path("/"))
+    (proc.root / "700" / "ns" / "mnt").symlink_to("mnt:[4026531832]")  # the host's, for now
+    inv = Inventory(proc=proc.root, platform=CriBundles(tmp_path / "b"))
+    (zone,) = inv.refresh().added
+    assert zone.helper_pids == (700,) and zone.process_roots == {}
+
+    def pivot(folder: str) -> None:
+        (proc.root / "700" / "ns" / "mnt").unlink()
+        (proc.root / "700" / "ns" / "mnt").symlink_to("mnt:[4026532174]")
+        (proc.root / "700" / "mountinfo").write_text(f"76 49 254:0 {folder} / rw - ext4 x rw\n")
+
+    pivot(shared)
+    (zone,) = inv.refresh().updated
+    assert zone.process_roots == {700: shared}
+    assert not inv.refresh()
+    pivot("/")  # back at the host's root: its paths are the host's again
+    (zone,) = inv.refresh().updated
+    assert zone.process_roots == {}

@@ -36,9 +36,6 @@ from zonewatch.model import Share, Zone, zone_pids
 TOMBSTONE_SECONDS = 30.0
 # A virtiofsd's own namespace and its starters' up to this far (itself, the shim, ...).
 _ANCESTORS_LOOKED_AT = 4
-# Scans (0.5 s each in the agent) a virtiofsd's root is looked at again while it is the
-# host's: Kata starts the VMM right after it, and it pivots as soon as the VMM connects.
-_ROOT_TRIES = 60
 
 
 @dataclass(slots=True, frozen=True)
@@ -49,9 +46,10 @@ class _Classified:
     # A virtiofsd's vhost-user socket: from its argv, or the paths its sockets (the one it
     # inherited with --fd, or the connection it accepted there) are bound to.
     helper_sockets: tuple[str, ...] = ()
-    # Where its "/" is on the host, if not the host's own (procfs.root_on_host).
+    # Its root directory as its own view tells (None: the host's), and where that is on
+    # the host (None: the host's root, or not placeable). Read again each scan.
+    root_mount: procfs.RootMount | None = None
     root: str | None = None
-    root_tries: int = 0  # scans that look at a virtiofsd's root again while it is None
 
 
 @dataclass(slots=True, frozen=True)
@@ -93,6 +91,7 @@ class Inventory:
         self._tombstones: dict[int, tuple[float, Zone]] = {}
         self._observed_vcpus: dict[int, set[int]] = {}  # zone key -> tids seen in KVM_RUN
         self._next_key = 1
+        self._scan_mounts: list[procfs.Mount] | None = None  # the agent's, this scan
 
     @property
     def zones(self) -> dict[str, Zone]:
@@ -127,6 +126,7 @@ class Inventory:
         return zone_pids(list(self._zones.values()))
 
     def refresh(self) -> InventoryChange:
+        self._scan_mounts = None
         seen: dict[str, Zone] = {}
         helpers: list[_Helper] = []
         live_pids = procfs.list_pids(self._proc)
@@ -169,8 +169,8 @@ class Inventory:
         identity = (stat.start_time, stat.comm)
         cached = self._cache.get(pid)
         if cached is not None and cached.identity == identity:
-            if cached.root is None and cached.root_tries > 0:
-                cached = self._retry_root(pid, cached)
+            if cached.vmm or cached.virtiofsd:
+                cached = self._with_root(pid, cached)
             return cached, stat.ppid
         argv = procfs.read_cmdline(self._proc, pid)
 
@@ -186,20 +186,31 @@ class Inventory:
             sockets = (utf8_text(virtiofsd.socket_path),)
         elif virtiofsd is not None and virtiofsd.socket_fd >= 0:
             sockets = self._inherited_sockets(pid, virtiofsd.socket_fd)
-        root = procfs.root_on_host(self._proc, pid) if vmm or virtiofsd else None
-        tries = _ROOT_TRIES if virtiofsd is not None and root is None else 0
-        classified = _Classified(identity, vmm, virtiofsd, sockets, root and utf8_text(root), tries)
+        classified = _Classified(identity, vmm, virtiofsd, sockets)
         self._cache[pid] = classified
+        if vmm or virtiofsd:
+            classified = self._with_root(pid, classified)
         return classified, stat.ppid
 
-    def _retry_root(self, pid: int, classified: _Classified) -> _Classified:
-        """Look at a virtiofsd's root again: seen before the VMM connected, it is at the
-        host's root; it pivots into its folder once the VMM connects."""
-        root = procfs.root_on_host(self._proc, pid)
-        tries = 0 if root is not None else classified.root_tries - 1
-        classified = replace(classified, root=root and utf8_text(root), root_tries=tries)
+    def _with_root(self, pid: int, classified: _Classified) -> _Classified:
+        """The process's root as it is now: a virtiofsd seen before its VMM connected is at
+        the host's root and pivots into its folder once it does; one that changes its root
+        later must not stay placed under the old one (its paths would look like the
+        share's). Two links and, for a process in a mount namespace of its own, its small
+        mount table are read each scan; the agent's own table once a scan, when needed."""
+        mount = procfs.root_mount(self._proc, pid)
+        if mount == classified.root_mount:
+            return classified
+        root = procfs.host_dir(mount, self._reader_mounts()) if mount else None
+        classified = replace(classified, root_mount=mount, root=root and utf8_text(root))
         self._cache[pid] = classified
         return classified
+
+    def _reader_mounts(self) -> list[procfs.Mount]:
+        """The agent's own mount table, read at most once a scan."""
+        if self._scan_mounts is None:
+            self._scan_mounts = procfs.mounts(self._proc / "self" / "mountinfo")
+        return self._scan_mounts
 
     def _kata_jailed(self, pid: int, spec: VmmSpec) -> VmmSpec:
         """A VMM Kata runs in a jail (Firecracker under the jailer: chroot

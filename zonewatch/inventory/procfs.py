@@ -112,44 +112,75 @@ def root_dir(proc: Path, pid: int) -> str | None:
 MAX_MOUNTINFO_BYTES = 8 * 1024 * 1024  # ~150 bytes a mount; a larger table is not read
 
 
-def root_on_host(proc: Path, pid: int) -> str | None:
-    """The process's root directory as a path the reader (the agent) can use, when it is
-    not the reader's own root: a chroot (the kernel names it), or the root a process
-    pivoted into in a mount namespace of its own (QEMU's C virtiofsd pivots into the folder
-    it shares), found by matching its root mount to one of the reader's mounts of the same
-    device. None when it is the reader's root, or cannot be told. The process's paths
-    (its fds' links, absolute names it opens) are then relative to this directory."""
+Mount = tuple[str, str, str]  # (major:minor, root within the filesystem, mount point)
+
+
+@dataclass(slots=True, frozen=True)
+class RootMount:
+    """What a process's root directory is, as far as its own view tells: the directory a
+    chroot names (`link`), or, for a process pivoted in a mount namespace of its own, the
+    device and folder of the mount on its "/". Cheap to read each scan; compare to notice a
+    change, then place it on the host with `host_dir`."""
+
+    link: str  # readlink /proc/PID/root ("/" when pivoted: the kernel cannot name it)
+    device: str = ""  # major:minor of its "/" mount, when pivoted
+    folder: str = ""  # the folder of that filesystem its "/" is
+
+
+def root_mount(proc: Path, pid: int) -> RootMount | None:
+    """The process's root, when it is not the reader's own root; None when it is, or when
+    the process is gone."""
     root = root_dir(proc, pid)
     if root is None:
         return None
     if root != "/":
-        return root
+        return RootMount(root)
     try:
         if os.readlink(proc / str(pid) / "ns" / "mnt") == os.readlink(proc / "self" / "ns" / "mnt"):
             return None
     except OSError:
         return None
-    theirs = [m for m in _mounts(proc / str(pid) / "mountinfo") if m[2] == "/"]
+    theirs = [m for m in mounts(proc / str(pid) / "mountinfo") if m[2] == "/"]
     if not theirs:
         return None
-    device, their_root, _ = theirs[-1]  # the last mount on / is the one in use
+    device, folder, _ = theirs[-1]  # the last mount on / is the one in use
+    return RootMount(root, device, folder)
+
+
+def host_dir(root: RootMount, reader_mounts: list[Mount]) -> str | None:
+    """Where a process's root directory is, as a path the reader (the agent) can use: a
+    chroot's as the kernel names it; a pivoted one's through the reader's mount of the same
+    device whose root holds that folder (the longest such root). None when it is the
+    reader's root, or cannot be placed (never a guess)."""
+    if not root.device:
+        return root.link
     best: tuple[str, str] | None = None
-    for dev, mount_root, mount_point in _mounts(proc / "self" / "mountinfo"):
-        inside = mount_root in ("/", their_root) or their_root.startswith(mount_root + "/")
-        if dev == device and inside and (best is None or len(mount_root) > len(best[0])):
+    for device, mount_root, mount_point in reader_mounts:
+        inside = mount_root in ("/", root.folder) or root.folder.startswith(mount_root + "/")
+        if device == root.device and inside and (best is None or len(mount_root) > len(best[0])):
             best = (mount_root, mount_point)
     if best is None:
         return None
     mount_root, mount_point = best
-    rest = their_root[len(mount_root) :] if mount_root != "/" else their_root
+    rest = root.folder[len(mount_root) :] if mount_root != "/" else root.folder
     host = posixpath.normpath(f"{mount_point.rstrip('/')}/{rest.lstrip('/')}")
     return None if host == "/" else host
+
+
+def root_on_host(proc: Path, pid: int) -> str | None:
+    """The process's root directory on the host (see root_mount and host_dir), when it is
+    not the reader's own: its paths (fd links, absolute names) are relative to it. QEMU's C
+    virtiofsd pivots into the folder it shares; a jailed Firecracker is chrooted."""
+    root = root_mount(proc, pid)
+    if root is None:
+        return None
+    return host_dir(root, mounts(proc / "self" / "mountinfo") if root.device else [])
 
 
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
 
 
-def _mounts(path: Path) -> list[tuple[str, str, str]]:
+def mounts(path: Path) -> list[Mount]:
     """(major:minor, root, mount point) of each line of a mountinfo table; [] if unreadable
     or too large. Paths there escape space, tab, newline and backslash as octal."""
     try:
@@ -159,7 +190,7 @@ def _mounts(path: Path) -> list[tuple[str, str, str]]:
         return []
     if len(data) > MAX_MOUNTINFO_BYTES:
         return []
-    mounts: list[tuple[str, str, str]] = []
+    table: list[Mount] = []
     for line in data.splitlines():
         fields = line.split(b" ", 5)
         if len(fields) < 6:
@@ -168,8 +199,8 @@ def _mounts(path: Path) -> list[tuple[str, str, str]]:
             os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), raw))
             for raw in (fields[3], fields[4])
         )
-        mounts.append((fields[2].decode("ascii", "replace"), root, point))
-    return mounts
+        table.append((fields[2].decode("ascii", "replace"), root, point))
+    return table
 
 
 def netns(proc: Path, pid: int) -> str | None:
