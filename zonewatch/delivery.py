@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from zonewatch.exporters import otel_env
 from zonewatch.exporters.base import JsonRecord, Sink
 from zonewatch.journal import Journal
 from zonewatch.model import Alert, Zone, ZoneStats
@@ -187,7 +188,10 @@ def add_options(p: Any) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="gRPC server key (PEM)")
     p.add_argument("--tls-client-ca", metavar="FILE", help="require client certs from this CA")
     p.add_argument(
-        "--otlp", metavar="ENDPOINT", help="OTLP collector (or set OTEL_EXPORTER_OTLP_ENDPOINT)"
+        "--otlp",
+        metavar="ENDPOINT",
+        help="OTLP collector for every signal (or OTEL_EXPORTER_OTLP_[LOGS_|TRACES_|METRICS_]"
+        "ENDPOINT)",
     )
     p.add_argument(
         "--otlp-protocol", choices=["grpc", "http/protobuf"], help="default grpc (or OTEL_*)"
@@ -218,7 +222,6 @@ def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
 
     if config.grpc and not config.tokens:
         raise ConfigError("--grpc", "needs --tokens FILE (every caller needs a bearer token)")
-    otel_env = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     journal_dir = config.journal
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if journal_dir is None:
@@ -236,7 +239,7 @@ def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
             from zonewatch.exporters.ocsf import OcsfSink
 
             all_sinks.append(OcsfSink(config.ocsf))
-        if config.otlp or otel_env:
+        if config.otlp or otel_env.configured(os.environ):  # any signal's endpoint
             from zonewatch.exporters.otlp import OtlpConfig, OtlpSink
 
             all_sinks.append(OtlpSink(OtlpConfig(config.otlp, config.otlp_protocol)))
