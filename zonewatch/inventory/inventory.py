@@ -172,6 +172,13 @@ class Inventory:
             if cached.vmm or cached.virtiofsd:
                 cached = self._with_root(pid, cached)
             return cached, stat.ppid
+        classified = self._cache[pid] = self._recognise(pid, identity)
+        if classified.vmm or classified.virtiofsd:
+            classified = self._with_root(pid, classified)
+        return classified, stat.ppid
+
+    def _recognise(self, pid: int, identity: tuple[int, str]) -> _Classified:
+        """A process incarnation seen for the first time: VMM, virtiofsd, or neither."""
         argv = procfs.read_cmdline(self._proc, pid)
 
         def read_file(path: str) -> bytes:  # as the process sees it: a jail's root, its cwd
@@ -186,11 +193,7 @@ class Inventory:
             sockets = (utf8_text(virtiofsd.socket_path),)
         elif virtiofsd is not None and virtiofsd.socket_fd >= 0:
             sockets = self._inherited_sockets(pid, virtiofsd.socket_fd)
-        classified = _Classified(identity, vmm, virtiofsd, sockets)
-        self._cache[pid] = classified
-        if vmm or virtiofsd:
-            classified = self._with_root(pid, classified)
-        return classified, stat.ppid
+        return _Classified(identity, vmm, virtiofsd, sockets)
 
     def _with_root(self, pid: int, classified: _Classified) -> _Classified:
         """The process's root as it is now: a virtiofsd seen before its VMM connected is at
