@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from zonewatch.model import NetNs
+
 TUN_DEVICE = "/dev/net/tun"
 
 
@@ -76,6 +78,15 @@ def thread_comms(proc: Path, pid: int) -> dict[int, str]:
 def fd_target(proc: Path, pid: int, fd: int) -> str | None:
     try:
         return os.fsdecode(os.readlink(os.fsencode(proc / str(pid) / "fd" / str(fd))))
+    except OSError:
+        return None
+
+
+def net_ns(proc: Path, pid: int) -> NetNs | None:
+    """The process's network namespace: its identity, and the path that enters it."""
+    path = proc / str(pid) / "ns" / "net"
+    try:
+        return NetNs(os.stat(path).st_ino, str(path))
     except OSError:
         return None
 
@@ -201,14 +212,6 @@ def mounts(path: Path) -> list[Mount]:
         )
         table.append((fields[2].decode("ascii", "replace"), root, point))
     return table
-
-
-def netns(proc: Path, pid: int) -> str | None:
-    """The process's network namespace, as `readlink /proc/PID/ns/net` names it."""
-    try:
-        return os.readlink(proc / str(pid) / "ns" / "net")
-    except OSError:
-        return None
 
 
 MAX_SOCKET_FDS = 64  # a backend's sockets looked at (virtiofsd holds a handful)
