@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,20 +27,27 @@ def dead_endpoint() -> str:
 def test_close_leaves_an_otlp_sink_retrying_a_dead_collector_behind(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sink = OtlpSink(OtlpConfig(dead_endpoint(), "grpc", timeout_s=20, schedule_delay_ms=50))
+    before = set(threading.enumerate())
+    sink = OtlpSink(OtlpConfig(dead_endpoint(), "grpc", timeout_s=5, schedule_delay_ms=50))
     d = Delivery(Journal(tmp_path / "journal"), [sink])
-    d.publish([make_alert(i) for i in range(50)])
-    time.sleep(0.3)  # the batch processors' exports are under way (retrying)
-    started = time.monotonic()
-    d.close()
-    took = time.monotonic() - started
-    assert took < SINK_SHUTDOWN_S + 1.0, f"close took {took:.1f} s"
-    assert "sink otlp: shutdown unfinished" in caplog.text
-    again = Journal(tmp_path / "journal")  # the journal closed: its lock is free
     try:
-        assert again.last_seq == 50
+        d.publish([make_alert(i) for i in range(50)])
+        time.sleep(0.3)  # the batch processors' exports are under way (retrying)
+        started = time.monotonic()
+        d.close()
+        took = time.monotonic() - started
+        assert took < SINK_SHUTDOWN_S + 1.0, f"close took {took:.1f} s"
+        assert "sink otlp: shutdown unfinished" in caplog.text
+        again = Journal(tmp_path / "journal")  # the journal closed: its lock is free
+        try:
+            assert again.last_seq == 50
+        finally:
+            again.close()
     finally:
-        again.close()
+        # The exports left behind retry (with random jitter) until their 5 s timeout: wait
+        # them out, so no later test shares this process with them.
+        for thread in set(threading.enumerate()) - before:
+            thread.join(timeout=15)
 
 
 def test_a_process_with_such_a_sink_exits_in_under_3_seconds(tmp_path: Path) -> None:
