@@ -144,22 +144,32 @@ def test_a_missing_field_is_counted_not_raised(tmp_path: Path) -> None:
     assert engine.counters.eval_errors == 1
 
 
+def reload(rules: RuleSet) -> bool:
+    """One reload as the agent loop sees it: started, compiled in its thread, swapped."""
+    assert rules.maybe_reload() is False  # started: the running rules stay meanwhile
+    rules.join(60)
+    return rules.maybe_reload()
+
+
 def test_reload_keeps_running_rules_on_a_bad_edit(tmp_path: Path) -> None:
     path = write(tmp_path, MASS)
     rules = RuleSet([path], check_interval=0)
     rules.engine.process([unlink(0), unlink(1)])  # two deletes counted so far
     path.write_text(HEAD + MASS.replace("count(10s)", "count(10s"))
-    assert rules.maybe_reload() is False
+    assert reload(rules) is False
     assert rules.last_error is not None and "r.yaml:" in rules.last_error
+    (rejected,) = rules.engine.tick(2)  # and an alert about the agent says so
+    assert rejected.rule == "zonewatch.rules_rejected"
+    assert rejected.zone.tenant == "" and "r.yaml:" in rejected.evidence["error"]
     assert rules.engine.process([unlink(2)])  # the old rules still run, with their state
     path.write_text(HEAD + MASS + MASS.replace("Mass", "Other"))
-    assert rules.maybe_reload() is True
+    assert reload(rules) is True
     assert rules.last_error is None
     assert {r.name for r in rules.engine.rules} == {"Mass", "Other"}
     # Mass did not change: its window carried over (3 + 1 deletes), Other starts empty
     assert [a.rule for a in rules.engine.process([unlink(3 * S)])] == []  # folded by dedup
     rules.request_reload()
-    assert rules.maybe_reload() is True  # SIGHUP reloads even without a change
+    assert reload(rules) is True  # SIGHUP reloads even without a change
 
 
 def test_replay_round_trips_recorded_lines(tmp_path: Path) -> None:
