@@ -4,8 +4,6 @@ are refused with file:line:col and a code), the same refusal in every entry poin
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -14,13 +12,13 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.helpers.cli import zonewatch
 from zonewatch.model import FileEvent, ZoneRef
 from zonewatch.rules.engine import RuleEngine, RulesError, RuleSet
 from zonewatch.rules.loader import load
 
 ZONE = ZoneRef("z1", "web-1", "acme", "qemu")
 HEAD = "- required_engine_version: 1\n"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def rule(condition: str, name: str = "r") -> str:
@@ -55,17 +53,6 @@ def timed(fn: Callable[[], object]) -> tuple[object, float, int]:
     finally:
         tracemalloc.stop()
     return result, elapsed, peak
-
-
-def zonewatch(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "zonewatch", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        check=False,
-    )
 
 
 # -- huge or: loads and evaluates --------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.helpers.cli import zonewatch
 from zonewatch.model import FileEvent, NetEvent, ProcEvent, ZoneRef, ZoneStats, record_from_json
 from zonewatch.rules.engine import RuleEngine, RuleSet
 from zonewatch.rules.replay import replay
@@ -205,16 +205,6 @@ def test_replay_round_trips_recorded_lines(tmp_path: Path) -> None:
         "Cloud metadata service contacted from a zone",
         "Zone VMM traced a process",
     ]
-
-
-def zonewatch(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "zonewatch", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
 
 
 def test_rules_test_passes_on_the_default_packs() -> None:
