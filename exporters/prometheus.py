@@ -34,6 +34,8 @@ class AgentHealth:
     journal_write_errors: int = 0
     otlp_dropped: int = 0
     lost: dict[str, int] = field(default_factory=dict)  # source -> events lost so far
+    rule_eval_errors: int = 0  # rule evaluations that raised (zonewatch.rules.engine)
+    rules_disabled: int = 0  # rules switched off because they failed
 
 
 # ZoneStats field -> (metric name, help, scale to base units)
@@ -226,6 +228,16 @@ class _Collector(Collector):
         )
         yield CounterMetricFamily(
             "zonewatch_otlp_dropped", "Records the OTLP exporter failed to send", h.otlp_dropped
+        )
+        yield CounterMetricFamily(
+            "zonewatch_rule_eval_errors",
+            "Rule evaluations that raised: a field the event lacked, or a rule that failed",
+            h.rule_eval_errors,
+        )
+        yield CounterMetricFamily(
+            "zonewatch_rules_disabled",
+            "Rules switched off until the next reload because they failed",
+            h.rules_disabled,
         )
 
 

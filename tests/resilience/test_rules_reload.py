@@ -128,6 +128,10 @@ def test_hot_reload_of_rules_that_used_to_kill_the_agent(
                    and len(events_of(lines[after:], NAME)) >= 20, 60,
                    "the running rules' alerts and events after the refusal")  # fmt: skip
     rss_after = agent.rss_mib()
+    scraped = agent.scrape()  # no rule failed, none was switched off
+    assert scraped["zonewatch_rule_eval_errors_total"] == 0
+    assert scraped["zonewatch_rules_disabled_total"] == 0
+    assert scraped["zonewatch_rule_eval_seconds_count"] > 0
     assert rss_after - rss_before < 64, f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
     assert agent.proc.poll() is None
     log = agent.log.read_text()

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client import generate_latest
 
 from tests.helpers.cli import zonewatch
+from zonewatch.exporters.prometheus import AgentHealth, PrometheusSink
 from zonewatch.model import FileEvent, NetEvent, ProcEvent, ZoneRef, ZoneStats, record_from_json
 from zonewatch.rules.engine import RuleEngine, RuleSet
 from zonewatch.rules.replay import replay
@@ -304,6 +306,15 @@ def test_a_rule_that_fails_is_disabled_counted_and_raises_an_agent_alert(tmp_pat
     assert [a.rule for a in engine.process([unlink(3 * S, "/deep")])] == ["plain"]
     assert engine.counters.eval_errors == 1
     assert next(r for r in engine.rules if r.name == "deep").disabled
+    # reported on /metrics (what delivery.watch_agent hands the Prometheus sink)
+    sink = PrometheusSink(address=None)
+    counters = engine.counters
+    sink.health = lambda: AgentHealth(
+        rule_eval_errors=counters.eval_errors, rules_disabled=counters.rules_disabled
+    )
+    text = generate_latest(sink.registry).decode()
+    assert "zonewatch_rule_eval_errors_total 1.0" in text
+    assert "zonewatch_rules_disabled_total 1.0" in text
 
 
 def test_a_reload_compiles_off_the_loop(tmp_path: Path) -> None:

@@ -254,10 +254,12 @@ class RuleEngine:
 
     def adopt(self, old: RuleEngine) -> int:
         """Take over a running engine's state (after a reload): open de-duplication windows,
-        the loss ledger, and the learned state of every rule whose meaning did not change.
+        the loss ledger, the counters, and the learned state of every rule whose meaning
+        did not change.
         Returns how many rules kept their state."""
         self.losses = old.losses
         self.dedup = old.dedup
+        self.counters = old.counters  # counted over the agent's life, not one rule set's
         self._agent_alerts = old._agent_alerts + self._agent_alerts
         previous = {r.name: r for r in old.rules}
         kept = 0
