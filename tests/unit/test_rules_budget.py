@@ -146,8 +146,8 @@ def test_an_unhashable_recorded_value_equals_nothing(tmp_path: Path) -> None:
 # -- expansion bounded before it happens --------------------------------------------------
 
 
-def doubling_macros(levels: int) -> str:
-    body = "- macro: m0\n  condition: file.path = /a\n"
+def doubling_macros(levels: int, leaf: str = "file.path = /a") -> str:
+    body = f"- macro: m0\n  condition: {leaf}\n"
     body += "".join(f"- macro: m{i}\n  condition: (m{i - 1} or m{i - 1})\n"
                     for i in range(1, levels + 1))  # fmt: skip
     return body + rule(f"channel = file and m{levels}")
@@ -165,9 +165,11 @@ def doubling_lists(levels: int) -> str:
     [
         (doubling_macros(22), ":34:3: [budget.terms] macro 'm16' compares 65536 values"),
         (doubling_macros(200), ":34:3: [budget.terms] macro 'm16' compares 65536 values"),
+        # constants fold away, but only after expansion has visited every one
+        (doubling_macros(60, "'true'"), ":34:3: [budget.terms] macro 'm16' compares 65536"),
         (doubling_lists(40), ":32:3: [budget.terms] list 'l15' holds 65536 items"),
     ],
-    ids=["macros-22", "macros-200", "lists-40"],
+    ids=["macros-22", "macros-200", "macros-of-true-60", "lists-40"],
 )
 def test_doubling_is_refused_in_well_under_a_second(
     tmp_path: Path, text: str, expected: str

@@ -17,7 +17,6 @@ from typing import Protocol
 from zonewatch.rules.parser import (
     And,
     Cmp,
-    Const,
     Loc,
     MacroRef,
     Node,
@@ -58,7 +57,7 @@ class _Refused(SyntaxProblem):
 
 @dataclass(slots=True, frozen=True)
 class Measure:
-    terms: int  # values compared (a list counts its items), at least 1 per comparison
+    terms: int  # values compared (a list counts its items), at least 1 per term
     levels: int  # the tree's height once expanded, each macro reference a level
 
 
@@ -259,7 +258,7 @@ class Budget:
             return Measure(max(terms, 1), 1)
         if isinstance(node, Cmp):
             return Measure(max(len(node.values), 1), 1)
-        return Measure(0 if isinstance(node, Const) else 1, 1)
+        return Measure(1, 1)  # a constant too: expansion visits it (`m1: (m0 or m0)`, m0 true)
 
     @staticmethod
     def _over(kind: str, name: str, size: Measure, where: str) -> SyntaxProblem:
