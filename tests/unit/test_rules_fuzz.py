@@ -10,7 +10,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from zonewatch.model import FileEvent, ZoneRef
@@ -22,13 +22,14 @@ SECONDS_PER_FILE = 2.0  # CPU time; ~0.3 s for the largest generated (~100 KB)
 BYTES_PER_FILE = 64 * 2**20  # peak allocated while loading one file (tracemalloc)
 MACROS = [f"m{i}" for i in range(6)]
 LISTS = [f"l{i}" for i in range(4)]
-LEAVES = [
+VALID = [
     "file.path = /a", "file.path = /b", "file.path != /c", "file.ret > 2", "file.path exists",
     "file.path in (l0)", "file.path in (l1, l2)", "file.path startswith (l3)", "true", "false",
-    "net.dst_port = 53", "count(10s) > 3", "first_seen(file.path)", "proc.comm = sh",
-    "file.path glob '/x/*'", "nope", "file.pth = 1", "(", ")", "and", "or", "not",
-    *MACROS, *LISTS,
+    "file.path glob '/x/*'", *MACROS, *MACROS,
 ]  # fmt: skip
+JUNK = ["net.dst_port = 53", "count(10s) > 3", "first_seen(file.path)", "nope",
+        "file.pth = 1", "(", ")", "and", "or", "not", *LISTS]  # fmt: skip
+LEAVES = VALID * 6 + JUNK  # mostly files that load, so that what loads is also run
 SETTINGS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -43,7 +44,7 @@ big_leaves = st.one_of(
     st.integers(1, 1100).map(lambda n: " or ".join(f"file.path = /p{i}" for i in range(n))),
 )
 conditions = st.recursive(
-    st.sampled_from(LEAVES) | big_leaves,
+    st.sampled_from(LEAVES) | st.sampled_from(LEAVES) | big_leaves,
     lambda inner: st.one_of(
         st.tuples(inner, inner).map(lambda t: f"({t[0]} or {t[1]})"),
         st.tuples(inner, inner).map(lambda t: f"{t[0]} and {t[1]}"),
@@ -57,9 +58,9 @@ list_items = st.lists(st.sampled_from(["a", "/etc/x", "'q'", *LISTS]), max_size=
 @st.composite
 def rules_files(draw: st.DrawFn) -> str:
     lines = ["- required_engine_version: 1"]
-    for name in draw(st.lists(st.sampled_from(LISTS), max_size=6)):
+    for name in draw(st.lists(st.sampled_from(LISTS), max_size=4, unique=True)):
         lines.append(f"- list: {name}\n  items: [{', '.join(draw(list_items))}]")
-    for name in draw(st.lists(st.sampled_from(MACROS), max_size=10)):
+    for name in draw(st.lists(st.sampled_from(MACROS), max_size=6, unique=True)):
         condition = draw(conditions).replace("'", "''")
         lines.append(f"- macro: {name}\n  condition: '{condition}'")
     for i in range(draw(st.integers(0, 4))):
@@ -75,7 +76,28 @@ def rules_files(draw: st.DrawFn) -> str:
     return "\n".join(lines) + "\n"
 
 
+HEAD = "- required_engine_version: 1\n"
+RULE = "- rule: r\n  condition: channel = file and {}\n  output: x\n  severity: high\n"
+# The shapes that took the agent down, always among the examples (a seed corpus).
+IOC_OR = HEAD + RULE.format("(" + " or ".join(f"file.path = /p{i}" for i in range(1050)) + ")")
+DOUBLING = (
+    HEAD
+    + "- macro: m0\n  condition: file.path = /a\n"
+    + "".join(f"- macro: m{i}\n  condition: (m{i - 1} or m{i - 1})\n" for i in range(1, 23))
+    + RULE.format("m22")
+)
+NESTED = (
+    HEAD
+    + "- macro: m0\n  condition: file.path = /a\n"
+    + "".join(f"- macro: m{i}\n  condition: m{i - 1}\n" for i in range(1, 300))
+    + RULE.format("m299")
+)
+
+
 @SETTINGS
+@example(IOC_OR)
+@example(DOUBLING)
+@example(NESTED)
 @given(rules_files())
 def test_the_loader_stays_within_its_budget(tmp_path: Path, text: str) -> None:
     path = tmp_path / "fuzz.yaml"
