@@ -291,6 +291,10 @@ def test_every_entry_point_refuses_the_same_way(tmp_path: Path) -> None:
     assert replayed.returncode == 2
     assert expected.replace(str(good), str(tmp_path / "dbl.yaml")) in replayed.stderr
     assert "Traceback" not in replayed.stderr
+    # run: refused before any probe is attached
+    ran = zonewatch("run", "--rules", str(tmp_path / "dbl.yaml"), "--duration", "1")
+    assert ran.returncode == 2
+    assert f"zonewatch run: {expected.replace(str(good), str(tmp_path / 'dbl.yaml'))}" in ran.stderr
     # hot reload: refused, the running rules stay, an alert about the agent says why
     rules = RuleSet([good], check_interval=0)
     good.write_text(bad)
