@@ -111,7 +111,13 @@ def _grpc_rate(tmp: Path, subscribers: int) -> float:
     journal = Journal(tmp / f"j{subscribers}")
     tokens = TokenStore([(_digest(TOKEN), Principal("bench", None))])
     server = GrpcServer(
-        ServerConfig(tokens, address=f"unix:{tmp}/b{subscribers}.sock", queue_bound=N + 1),
+        ServerConfig(
+            tokens,
+            address=f"unix:{tmp}/b{subscribers}.sock",
+            queue_bound=N + 1,
+            queue_bytes=1 << 40,
+            token_queue_bytes=1 << 40,
+        ),
         journal,
     ).start()
     delivery = Delivery(journal, [], server)

@@ -78,6 +78,7 @@ def _probes(as_zone: bool, tracepoints: Sequence[str] = KVM_TRACEPOINTS) -> Setu
                 kvm.collect()
                 sched.collect()
                 kvm.poll(0)
+                kvm.vcpu_threads()  # each rescan: threads seen running KVM_RUN
 
             yield tick
             if as_zone:  # sanity: the probes did see the VMM

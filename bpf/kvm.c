@@ -5,7 +5,10 @@
  * tid) to be recognised; a thread of no zone two failed ones on the per-exit events (tid,
  * then tgid in zone_pids) and one on the hot ones (see zone_thread and known_thread).
  * A zone's thread gets its state entry at its first exit, with the zone of its tid in
- * zone_tids (the inventory's vCPU threads) or else of its process.
+ * zone_tids (the inventory's vCPU threads) or else of its process. So the keys of `vcpus`
+ * are the threads seen running KVM_RUN for a zone: user space reads them to learn the vCPU
+ * threads of VMMs that leave their threads unnamed (KvmProbe.vcpu_threads), at no cost
+ * here.
  *
  * Everything frequent is counted in the kernel; no per-exit record crosses into user
  * space. Per (zone, key) counts live in hash maps, with a cap per zone on the keys whose

@@ -1,11 +1,20 @@
 /* zonewatch net channel: every zone's traffic on its host tap, as flows and DNS queries.
  *
- * Two tc clsact programs share one handler: zw_net_zone_tx on the tap's tc ingress (frames
- * the guest sent) and zw_net_zone_rx on its tc egress (frames sent to the guest). Both only
- * observe: they always return TC_ACT_OK.
+ * Two tc programs share one handler: zw_net_zone_tx where the guest's frames enter the host
+ * (the tap's tc ingress) and zw_net_zone_rx where frames towards the guest are seen (the
+ * tap's tc egress; on a tap whose owner holds only an `ingress` qdisc, as Kata's, the ingress
+ * of the device whose filters redirect to the tap). Both only observe: they always return
+ * TC_ACT_UNSPEC, so the filters after ours (an owner's mirred redirect) still run and decide
+ * the frame's fate.
  *
- * The tap's ifindex names the zone and its slot in the per-CPU `counters` array (zone_ifs,
- * filled by user space): one hash lookup per frame, and any other device costs only that.
+ * The device's (network namespace, ifindex) names the zone and its slot in the per-CPU
+ * `counters` array (zone_ifs, filled by user space): every Kata pod's tap is `tap0_kata`
+ * with the same ifindex, in its own namespace. The namespace is a constant of the program
+ * instance: user space loads one instance per namespace it attaches in, patching
+ * ZW_NETNS_UNPATCHED (netns_id()) to the namespace's inode number. (bpf_get_netns_cookie(skb)
+ * cannot tell: it names the namespace of the skb's socket when there is one, and a frame a
+ * host process sends to a pod still carries the host's socket on the pod's eth0.) One hash
+ * lookup per frame, and any other device costs only that.
  * Every frame is guest-controlled: headers are read (load_hdr) at offsets checked against
  * the frame and the IP lengths, and whatever contradicts itself is counted per zone
  * (malformed, truncated, fragments, other) and not parsed further, so it can neither crash
@@ -44,7 +53,7 @@
 #define ZW_DNS_PORT 53
 #define ZW_DNS_HDR_LEN 12
 
-BPF_HASH(zone_ifs, u32, struct zw_net_if, ZW_MAX_ZONE_IFS);  /* tap ifindex -> */
+BPF_HASH(zone_ifs, struct zw_net_if_key, struct zw_net_if, ZW_MAX_ZONE_IFS);  /* device -> */
 BPF_TABLE("lru_hash", struct zw_flow_key, struct zw_flow_stats, flows, ZW_MAX_FLOWS);
 /* An array, not a hash keyed by zone: the kernel inlines its lookup (no call, no hash). */
 BPF_PERCPU_ARRAY(counters, struct zw_net_counters, ZW_MAX_ZONE_IFS);  /* slot -> */
@@ -205,23 +214,34 @@ static __always_inline void bump(struct zw_net_counters *c, int verdict)
 		c->other++;
 }
 
-/* One frame through the tap; `dir` is enum zw_net_dir. */
-static __always_inline int handle(struct __sk_buff *skb, u32 dir)
+/* The network namespace this program instance is attached in: a 64-bit immediate (one
+ * ld_imm64 instruction, kept from constant folding by the asm) that user space patches. */
+static __always_inline u64 netns_id(void)
 {
-	u32 ifindex = skb->ifindex;
-	struct zw_net_if *tap = zone_ifs.lookup(&ifindex);
+	u64 id;
+	asm volatile("%0 = %1 ll" : "=r"(id) : "i"(ZW_NETNS_UNPATCHED));
+	return id;
+}
+
+/* One frame of a zone's traffic; `dir` is enum zw_net_dir. Counts, never decides: the
+ * caller returns TC_ACT_UNSPEC whatever happens here. */
+static __always_inline void observe(struct __sk_buff *skb, u32 dir)
+{
+	struct zw_net_if_key dev = {.netns = netns_id(), .ifindex = skb->ifindex};
+	struct zw_net_if *tap = zone_ifs.lookup(&dev);
 	if (!tap)
-		return TC_ACT_OK;
+		return;
 	u32 zone_key = tap->zone_key;
 	u32 slot = tap->slot;
+	u32 ifindex = tap->tap_ifindex;  /* flows name the tap, also when seen on its peer */
 	u32 d = dir - 1;  /* index of the [2] arrays */
 	if (d > 1)
-		return TC_ACT_OK;
+		return;
 
 	struct zw_net_counters *c = counters.lookup(&slot);
 	if (!c) {  /* a slot past the array: user space never hands one out */
 		count_lost(ZW_CLOST_MAP_FULL);
-		return TC_ACT_OK;
+		return;
 	}
 	/* Per-CPU: no other CPU writes this copy. */
 	c->bytes[d] += skb->len;
@@ -230,7 +250,7 @@ static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 	u16 eth_proto;
 	if (load_hdr(skb, offsetof(struct ethhdr, h_proto), &eth_proto, 2) < 0) {
 		c->truncated++;
-		return TC_ACT_OK;
+		return;
 	}
 	struct zw_flow_key key = {};
 	struct parsed p = {};
@@ -243,7 +263,7 @@ static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 		verdict = ZW_OTHER;
 	if (verdict != ZW_OK) {
 		bump(c, verdict);
-		return TC_ACT_OK;
+		return;
 	}
 
 	u16 src_port = 0, dst_port = 0;
@@ -256,16 +276,16 @@ static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 		struct tcphdr tcp;
 		if (p.l4_len < sizeof(tcp)) {
 			c->truncated++;
-			return TC_ACT_OK;
+			return;
 		}
 		if (load_hdr(skb, p.l4_off, &tcp, sizeof(tcp)) < 0) {
 			c->truncated++;
-			return TC_ACT_OK;
+			return;
 		}
 		u32 doff = tcp.doff * 4;
 		if (doff < sizeof(tcp) || doff > p.l4_len) {
 			c->malformed++;
-			return TC_ACT_OK;
+			return;
 		}
 		src_port = bpf_ntohs(tcp.source);
 		dst_port = bpf_ntohs(tcp.dest);
@@ -275,16 +295,16 @@ static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 		struct udphdr udp;
 		if (p.l4_len < sizeof(udp)) {
 			c->truncated++;
-			return TC_ACT_OK;
+			return;
 		}
 		if (load_hdr(skb, p.l4_off, &udp, sizeof(udp)) < 0) {
 			c->truncated++;
-			return TC_ACT_OK;
+			return;
 		}
 		u32 ulen = bpf_ntohs(udp.len);
 		if (ulen < sizeof(udp) || ulen > p.l4_len) {
 			c->malformed++;
-			return TC_ACT_OK;
+			return;
 		}
 		src_port = bpf_ntohs(udp.source);
 		dst_port = bpf_ntohs(udp.dest);
@@ -302,11 +322,11 @@ static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 		u8 icmp[6];  /* type, code, checksum, identifier */
 		if (p.l4_len < 8) {
 			c->truncated++;
-			return TC_ACT_OK;
+			return;
 		}
 		if (load_hdr(skb, p.l4_off, icmp, sizeof(icmp)) < 0) {
 			c->truncated++;
-			return TC_ACT_OK;
+			return;
 		}
 		u8 type = icmp[0];
 		int echo = key.proto == IPPROTO_ICMP ? (type == 8 || type == 0)
@@ -355,7 +375,7 @@ static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 		f = flows.lookup(&key);
 		if (!f) {
 			count_lost(ZW_CLOST_MAP_FULL);
-			return TC_ACT_OK;
+			return;
 		}
 	} else {
 		/* The last tick's time, not a clock read (which cost ~60 ns of the ~260 per frame
@@ -393,15 +413,16 @@ static __always_inline int handle(struct __sk_buff *skb, u32 dir)
 		    !(__sync_fetch_and_or(&f->state, ZW_FLOW_ENDED) & ZW_FLOW_ENDED))
 			emit(ZW_NET_FLOW_END, dir, &key, f, skb, 0, 0);
 	}
-	return TC_ACT_OK;
 }
 
 int zw_net_zone_tx(struct __sk_buff *skb)
 {
-	return handle(skb, ZW_NET_EGRESS);
+	observe(skb, ZW_NET_EGRESS);
+	return TC_ACT_UNSPEC;  /* the next filter (or the default) decides, as without us */
 }
 
 int zw_net_zone_rx(struct __sk_buff *skb)
 {
-	return handle(skb, ZW_NET_INGRESS);
+	observe(skb, ZW_NET_INGRESS);
+	return TC_ACT_UNSPEC;
 }

@@ -241,7 +241,8 @@ struct zw_wait_state {
 
 /* ==== net channel (bpf/net.c) ====
  *
- * tc clsact programs on each zone's tap. A flow is keyed from the zone's point of view
+ * tc programs on each zone's tap (and, where the tap's owner left no egress hook, on the
+ * device that redirects to it). A flow is keyed from the zone's point of view
  * (local = the zone's end), so a connection and its replies are one flow. Packets are
  * guest-controlled: whatever does not parse is counted in zw_net_counters, never trusted.
  */
@@ -251,7 +252,8 @@ struct zw_wait_state {
 /* Direction of a packet, from the zone's point of view (index into the [2] arrays - 1). */
 enum zw_net_dir {
 	ZW_NET_EGRESS = 1,   /* the zone sent it (tc ingress on the host's tap) */
-	ZW_NET_INGRESS = 2,  /* sent to the zone (tc egress on the host's tap) */
+	ZW_NET_INGRESS = 2,  /* sent to the zone (tc egress on the host's tap, or the ingress of
+				the device redirecting to it) */
 };
 
 /* What a net record reports (zw_net_event.op). */
@@ -284,16 +286,32 @@ struct zw_flow_stats {
 	__u64 bytes[2];     /* IP bytes, headers included */
 	__u64 packets[2];
 	__u64 payload[2];   /* L4 payload bytes (TCP/UDP data, ICMP after its 8-byte header) */
-	__u32 ifindex;
+	__u32 ifindex;      /* the zone's tap (in its network namespace) */
 	__u32 initiator;    /* enum zw_net_dir of the first packet seen */
 	__u64 tcp_flags;    /* every TCP flag seen, OR-ed (64 bits: bcc's BPF has 64-bit atomics) */
 	__u64 state;        /* ZW_FLOW_* bits */
 };
 
-/* A watched tap (zone_ifs, by ifindex): its zone, and the zone's slot in `counters`. */
+/* A watched device (zone_ifs key): taps of different zones share names and ifindexes (every
+ * Kata pod's is `tap0_kata`), so the device's network namespace is part of its name. */
+struct zw_net_if_key {
+	__u64 netns;      /* the namespace's inode number, as patched into the program instance
+			     attached there (ZW_NETNS_UNPATCHED where user space could not patch) */
+	__u32 ifindex;
+	__u32 _pad;
+};
+
+/* The value netns_id() (bpf/net.c) returns until user space patches its instance: chosen
+ * to occur nowhere else in the program's instructions. */
+#define ZW_NETNS_UNPATCHED 0x5A57A5A5D1CEC0DEULL
+
+/* A watched device's zone, the zone's slot in `counters`, and the tap its frames are the
+ * zone's traffic on (the device itself, or the tap it redirects to). */
 struct zw_net_if {
 	__u32 zone_key;
 	__u32 slot;
+	__u32 tap_ifindex;
+	__u32 _pad;
 };
 
 /* A zone's packet counters (per-CPU array, at the zone's slot); [0]/[1] as in

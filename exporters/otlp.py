@@ -7,8 +7,9 @@ correlate (shared/design.md, "OpenTelemetry"). Per-zone gauges come from the lat
 ZoneStats; an alerts counter counts by zone, tenant, rule and severity.
 
 The SDK's batch processors give a bounded queue and the OTLP exporters retry with backoff;
-the standard OTEL_* variables apply (endpoint, protocol, headers, timeout, certificates,
-compression, OTEL_BLRP_*/OTEL_BSP_* queues, OTEL_METRIC_EXPORT_INTERVAL, OTEL_SERVICE_NAME,
+the standard OTEL_* variables apply, signal-specific ones included (endpoint, protocol,
+headers, timeout, certificates, compression: exporters.otel_env; OTEL_<SIGNAL>_EXPORTER=none
+turns a signal off), OTEL_BLRP_*/OTEL_BSP_* queues, OTEL_METRIC_EXPORT_INTERVAL, OTEL_SERVICE_NAME,
 OTEL_RESOURCE_ATTRIBUTES). An unreachable collector costs counters and one log line per
 outage (and one when export resumes): the SDK's per-retry and per-record warnings are
 muted in favour of them.
@@ -18,11 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -44,14 +43,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from zonewatch import __version__
+from zonewatch.exporters import attack
 from zonewatch.exporters.base import JsonRecord
+from zonewatch.exporters.identity import rule_uid
+from zonewatch.exporters.otel_env import SignalTarget, signal_targets
 from zonewatch.model import Alert, Severity, Zone, ZoneStats, utf8_all, utf8_text
 
 log = logging.getLogger(__name__)
 
 EVENT_NAME = "zonewatch.alert"
 SCOPE = "zonewatch"
-RULE_NAMESPACE = uuid.UUID("5b0c3d4e-6f1a-4c8b-9e2d-7a1f0c3b5d6e")  # security_rule.uuid
 SEVERITY_NUMBER = {
     Severity.INFO: SeverityNumber.INFO,
     Severity.LOW: SeverityNumber.WARN,
@@ -77,8 +78,6 @@ EVIDENCE_ATTRIBUTES = {
     "net.tap": "network.interface.name",
     "net.dns_qname": "dns.question.name",
 }
-MITRE = re.compile(r"^T\d{4}(\.\d{3})?$")
-MATURITY_PREFIX = "maturity_"
 _MUTED = (
     "opentelemetry.exporter.otlp",  # per-retry warnings and per-batch errors
     "opentelemetry.sdk._shared_internal",  # "Queue full, dropping" once per record
@@ -90,18 +89,16 @@ def rule_attributes(alert: Alert) -> dict[str, Any]:
     """security_rule.*: tags start with maturity, then domain, then MITRE ids."""
     attrs: dict[str, Any] = {
         "security_rule.name": alert.rule,
-        "security_rule.uuid": str(uuid.uuid5(RULE_NAMESPACE, alert.rule)),
+        "security_rule.uuid": rule_uid(alert.rule),
         "security_rule.ruleset.name": "zonewatch",
         "security_rule.version": str(alert.evidence.get("rule.version", "1")),
     }
-    domains = [t for t in alert.tags if not t.startswith(MATURITY_PREFIX) and not MITRE.match(t)]
+    domains = attack.domains(alert.tags)
     if domains:
         attrs["security_rule.category"] = domains[0]
-    mitre = [t for t in alert.tags if MITRE.match(t)]
+    mitre = [t for t in alert.tags if attack.TECHNIQUE.match(t)]
     if mitre:
-        attrs["security_rule.reference"] = (
-            f"https://attack.mitre.org/techniques/{mitre[0].replace('.', '/')}/"
-        )
+        attrs["security_rule.reference"] = attack.url(mitre[0])
     return attrs
 
 
@@ -139,8 +136,10 @@ def alert_attributes(alert: Alert) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class OtlpConfig:
-    endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT, else the SDK default
-    protocol: str | None = None  # grpc | http/protobuf; None: OTEL_EXPORTER_OTLP_PROTOCOL
+    # Every signal's endpoint (http/protobuf: + /v1/<signal>); None: the OTEL_* variables
+    # (exporters.otel_env says which, in which order).
+    endpoint: str | None = None
+    protocol: str | None = None  # grpc | http/protobuf; None: the OTEL_* variables, else grpc
     timeout_s: float | None = None  # per export, retries included; None: OTEL_* or 10 s
     max_queue: int | None = None  # per signal; None: OTEL_BLRP/BSP_MAX_QUEUE_SIZE or 2048
     schedule_delay_ms: float | None = None
@@ -267,44 +266,40 @@ class _CountedMetrics(MetricExporter):
         self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
-def _exporters(config: OtlpConfig) -> tuple[Any, Any, MetricExporter, str]:
-    protocol = config.protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-    endpoint = config.endpoint
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+def _exporter(target: SignalTarget, timeout_s: float | None) -> Any:
+    """The SDK's OTLP exporter for one signal; what it is not given (endpoint, timeout) it
+    resolves from the OTEL_EXPORTER_OTLP_* variables itself."""
+    kw: dict[str, Any] = {"timeout": timeout_s}
+    if target.endpoint:
+        kw["endpoint"] = target.endpoint
+    if target.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc import _log_exporter as grpc_logs
+        from opentelemetry.exporter.otlp.proto.grpc import metric_exporter as grpc_metrics
+        from opentelemetry.exporter.otlp.proto.grpc import trace_exporter as grpc_traces
 
         # A collector that comes back is found within 2 s, not after gRPC's 120 s backoff.
-        options: Any = (("grpc.max_reconnect_backoff_ms", 2000),)
-        kw: dict[str, Any] = {"timeout": config.timeout_s, "channel_options": options}
-        if endpoint:
-            kw["endpoint"] = endpoint
-        shown = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4317")
-        return OTLPLogExporter(**kw), OTLPSpanExporter(**kw), OTLPMetricExporter(**kw), shown
-    if protocol in ("http/protobuf", "http"):
-        from opentelemetry.exporter.otlp.proto.http._log_exporter import (
-            OTLPLogExporter as HttpLogs,
-        )
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-            OTLPMetricExporter as HttpMetrics,
-        )
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpSpans,
-        )
+        kw["channel_options"] = (("grpc.max_reconnect_backoff_ms", 2000),)
+        grpc_classes: dict[str, Any] = {
+            "logs": grpc_logs.OTLPLogExporter,
+            "traces": grpc_traces.OTLPSpanExporter,
+            "metrics": grpc_metrics.OTLPMetricExporter,
+        }
+        return grpc_classes[target.signal](**kw)
+    from opentelemetry.exporter.otlp.proto.http import _log_exporter as http_logs
+    from opentelemetry.exporter.otlp.proto.http import metric_exporter as http_metrics
+    from opentelemetry.exporter.otlp.proto.http import trace_exporter as http_traces
 
-        def url(path: str) -> dict[str, Any]:
-            return {"endpoint": f"{endpoint.rstrip('/')}/{path}"} if endpoint else {}
+    http_classes: dict[str, Any] = {
+        "logs": http_logs.OTLPLogExporter,
+        "traces": http_traces.OTLPSpanExporter,
+        "metrics": http_metrics.OTLPMetricExporter,
+    }
+    return http_classes[target.signal](**kw)
 
-        t: dict[str, Any] = {"timeout": config.timeout_s}
-        shown = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318")
-        return (
-            HttpLogs(**url("v1/logs"), **t),
-            HttpSpans(**url("v1/traces"), **t),
-            HttpMetrics(**url("v1/metrics"), **t),
-            shown,
-        )
-    raise ValueError(f"OTLP protocol {protocol!r}: expected grpc or http/protobuf")
+
+def exporter_endpoint(exporter: Any) -> str:
+    """Where an SDK exporter sends (as it resolved it), for log lines and tests."""
+    return str(getattr(exporter, "_endpoint", "?"))
 
 
 class OtlpSink:
@@ -330,31 +325,36 @@ class OtlpSink:
                 "host.arch": os.uname().machine,
             }
         )
-        logs, spans, metrics, self.endpoint = _exporters(config)
+        self.targets = signal_targets(config.endpoint, config.protocol, os.environ)
+        self.exporters = {t.signal: _exporter(t, config.timeout_s) for t in self.targets}
+        self.endpoints = {s: exporter_endpoint(e) for s, e in self.exporters.items()}
         batch: dict[str, Any] = {}
         if config.max_queue is not None:
             batch["max_queue_size"] = config.max_queue
         if config.schedule_delay_ms is not None:
             batch["schedule_delay_millis"] = config.schedule_delay_ms
         self.tracer_provider = TracerProvider(resource=self.resource)
-        self.tracer_provider.add_span_processor(
-            BatchSpanProcessor(
-                cast(Any, _Counted(spans, "traces", self.health, self.endpoint)), **batch
+        if "traces" in self.exporters:
+            counted = _Counted(
+                self.exporters["traces"], "traces", self.health, self.endpoints["traces"]
             )
-        )
+            self.tracer_provider.add_span_processor(BatchSpanProcessor(cast(Any, counted), **batch))
         self.logger_provider = LoggerProvider(resource=self.resource)
-        self.logger_provider.add_log_record_processor(
-            BatchLogRecordProcessor(
-                cast(Any, _Counted(logs, "logs", self.health, self.endpoint)), **batch
+        if "logs" in self.exporters:
+            counted = _Counted(self.exporters["logs"], "logs", self.health, self.endpoints["logs"])
+            self.logger_provider.add_log_record_processor(
+                BatchLogRecordProcessor(cast(Any, counted), **batch)
             )
-        )
-        reader_kw: dict[str, Any] = {}
-        if config.metric_interval_ms is not None:
-            reader_kw["export_interval_millis"] = config.metric_interval_ms
-        self.reader = PeriodicExportingMetricReader(
-            _CountedMetrics(metrics, self.health, self.endpoint), **reader_kw
-        )
-        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=[self.reader])
+        readers: list[PeriodicExportingMetricReader] = []
+        if "metrics" in self.exporters:
+            reader_kw: dict[str, Any] = {}
+            if config.metric_interval_ms is not None:
+                reader_kw["export_interval_millis"] = config.metric_interval_ms
+            metrics = _CountedMetrics(
+                self.exporters["metrics"], self.health, self.endpoints["metrics"]
+            )
+            readers.append(PeriodicExportingMetricReader(metrics, **reader_kw))
+        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=readers)
         self.tracer = self.tracer_provider.get_tracer(SCOPE, __version__)
         self.logger = self.logger_provider.get_logger(SCOPE, __version__)
         meter = self.meter_provider.get_meter(SCOPE, __version__)

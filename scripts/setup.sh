@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 say() { printf 'setup: %s\n' "$*"; }
 
 # Debian packages: bcc (python3-bpfcc; never the unrelated PyPI "bcc"), QEMU and busybox for
-# the lab, bpftrace as the benchmark peer, tmux to drive terminal UIs in tests, prometheus
-# to scrape a live agent for the dashboards' queries (tests/e2e/test_dashboards.py).
-APT_PACKAGES=(python3-bpfcc bpfcc-tools qemu-system-x86 busybox-static cpio iproute2
-              bpftrace bpftool tmux kmod xz-utils prometheus)
+# the lab (qemu-system-common ships /usr/lib/qemu/virtiofsd, the kata layout's share server),
+# bpftrace as the benchmark peer, tmux to drive terminal UIs in tests, prometheus to scrape
+# a live agent for the dashboards' queries (tests/e2e/test_dashboards.py).
+APT_PACKAGES=(python3-bpfcc bpfcc-tools qemu-system-x86 qemu-system-common busybox-static cpio
+              iproute2 bpftrace bpftool tmux kmod xz-utils prometheus)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -26,6 +26,7 @@ from zonewatch.inventory import Inventory
 from zonewatch.model import Alert, Lost, ZoneRef, ZoneStats
 from zonewatch.pipeline import Attribution
 from zonewatch.probes.base import Probe
+from zonewatch.probes.kvm import KvmProbe
 from zonewatch.probes.net import NetProbe
 from zonewatch.rules.engine import RuleSet
 
@@ -196,7 +197,15 @@ class Agent:
                 return probe.zone_addresses()
         return {}
 
+    def _observe_vcpu_threads(self) -> None:
+        """Tell the inventory which threads the kvm probe saw run KVM_RUN: vCPUs of zones
+        whose VMM leaves its threads unnamed are known only this way."""
+        for probe in self.probes:
+            if isinstance(probe, KvmProbe):
+                self.inventory.observe_vcpu_threads(probe.vcpu_threads())
+
     def _rescan(self) -> None:
+        self._observe_vcpu_threads()
         change = self.inventory.refresh()
         if not change:
             return

@@ -91,6 +91,12 @@ class HostView:
             if sep
         }
 
+    def threads(self, pid: int) -> list[int]:
+        try:
+            return [int(name) for name in os.listdir(self.proc / str(pid) / "task")]
+        except (OSError, ValueError):
+            return []
+
     def namespace(self, pid: int, ns: str) -> str | None:
         try:
             return os.readlink(self.proc / str(pid) / "ns" / ns)
@@ -273,15 +279,27 @@ def _ksm(zones: Sequence[Zone], host: HostView) -> Iterable[Finding]:
             )
 
 
-def _vcpu_cpus(zone: Zone, host: HostView) -> frozenset[int]:
+# What a zone's CPUs were read from (the shared-cpus evidence's `basis`).
+VCPU_THREADS = "vcpu threads"
+# No vCPU thread known (unnamed, and not yet seen running by the kvm probe, or no agent):
+# the vCPUs are among the VMM's threads, so where those may run bounds where vCPUs may.
+ALL_VMM_THREADS = "all VMM threads (no vCPU thread known)"
+
+
+def _vcpu_cpus(zone: Zone, host: HostView) -> tuple[frozenset[int], str]:
+    """The CPUs a zone's vCPUs may run on, and what that was read from."""
+    tids, basis = zone.vcpu_tids, VCPU_THREADS
+    if not tids:
+        tids, basis = tuple(host.threads(zone.pid)), ALL_VMM_THREADS
     cpus: set[int] = set()
-    for tid in zone.vcpu_tids:
+    for tid in tids:
         cpus |= parse_cpu_list(host.status(zone.pid, tid).get("Cpus_allowed_list", ""))
-    return frozenset(cpus)
+    return frozenset(cpus), basis
 
 
 def _shared_cpus(zones: Sequence[Zone], host: HostView) -> Iterable[Finding]:
-    cpus = {z.id: _vcpu_cpus(z, host) for z in zones}
+    read = {z.id: _vcpu_cpus(z, host) for z in zones}
+    cpus = {zone_id: found for zone_id, (found, _basis) in read.items()}
     for zone in zones:
         overlap = {
             f"{z.name} ({z.tenant})": sorted(cpus[zone.id] & cpus[z.id])
@@ -294,7 +312,7 @@ def _shared_cpus(zones: Sequence[Zone], host: HostView) -> Iterable[Finding]:
                 "shared-cpus",
                 Severity.LOW,
                 "vCPUs may share cores with other tenants' zones: " + ", ".join(sorted(overlap)),
-                {"cpus": sorted(cpus[zone.id]), "overlap": overlap},
+                {"cpus": sorted(cpus[zone.id]), "overlap": overlap, "basis": read[zone.id][1]},
             )
 
 

@@ -92,18 +92,22 @@ def _add_rules_commands(sub: Any) -> None:
 
 
 def _add_lab_commands(sub: Any) -> None:
+    from zonewatch.lab import cli as lab_cli
+
     lab = sub.add_parser("lab", help="real zones for demos and tests")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=OneLineParser)
     up = lab_sub.add_parser("up", help="boot lab zones (detached)")
     up.add_argument("--zones", type=int, default=2, metavar="N", help="how many zones (default 2)")
     up.add_argument("--workload", metavar="FILE", help="busybox sh script each zone runs")
+    lab_cli.add_layout_option(up)
     lab_sub.add_parser("down", help="stop every lab zone and remove what they left")
-    lab_sub.add_parser("status", help="the lab's zones")
+    lab_cli.add_json_option(lab_sub.add_parser("status", help="the lab's zones"))
     lab_run = lab_sub.add_parser("run", help="boot one zone, run a workload, show its console")
     lab_run.add_argument("workload", metavar="FILE", help="busybox sh script")
     lab_run.add_argument("--name", default="zone-run")
     lab_run.add_argument("--tenant", default="default")
     lab_run.add_argument("--timeout", type=_positive_float, default=120.0)
+    lab_cli.add_layout_option(lab_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from zonewatch.exporters import otel_env
 from zonewatch.exporters.base import JsonRecord, Sink
 from zonewatch.journal import Journal
 from zonewatch.model import Alert, Zone, ZoneStats
@@ -167,7 +168,9 @@ class DeliveryConfig:
     otlp_protocol: str | None = None
     metrics: str | None = None
     ocsf: str | None = None
-    queue_bound: int = 4096
+    queue_bound: int = 4096  # per gRPC subscriber: alerts, bytes; and bytes per token
+    queue_bytes: int = 4 << 20
+    token_queue_bytes: int = 16 << 20
     heartbeat_s: float = 5.0
 
 
@@ -185,7 +188,10 @@ def add_options(p: Any) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="gRPC server key (PEM)")
     p.add_argument("--tls-client-ca", metavar="FILE", help="require client certs from this CA")
     p.add_argument(
-        "--otlp", metavar="ENDPOINT", help="OTLP collector (or set OTEL_EXPORTER_OTLP_ENDPOINT)"
+        "--otlp",
+        metavar="ENDPOINT",
+        help="OTLP collector for every signal (or OTEL_EXPORTER_OTLP_[LOGS_|TRACES_|METRICS_]"
+        "ENDPOINT)",
     )
     p.add_argument(
         "--otlp-protocol", choices=["grpc", "http/protobuf"], help="default grpc (or OTEL_*)"
@@ -216,7 +222,6 @@ def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
 
     if config.grpc and not config.tokens:
         raise ConfigError("--grpc", "needs --tokens FILE (every caller needs a bearer token)")
-    otel_env = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     journal_dir = config.journal
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if journal_dir is None:
@@ -234,7 +239,7 @@ def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
             from zonewatch.exporters.ocsf import OcsfSink
 
             all_sinks.append(OcsfSink(config.ocsf))
-        if config.otlp or otel_env:
+        if config.otlp or otel_env.configured(os.environ):  # any signal's endpoint
             from zonewatch.exporters.otlp import OtlpConfig, OtlpSink
 
             all_sinks.append(OtlpSink(OtlpConfig(config.otlp, config.otlp_protocol)))
@@ -257,6 +262,8 @@ def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
                     tls_key=config.tls_key,
                     tls_client_ca=config.tls_client_ca,
                     queue_bound=config.queue_bound,
+                    queue_bytes=config.queue_bytes,
+                    token_queue_bytes=config.token_queue_bytes,
                     heartbeat_s=config.heartbeat_s,
                 ),
                 journal,

@@ -11,12 +11,16 @@ host end of its tap (zonewatch.lab.workloads). Its traffic leaves the guest thro
 and ends there: the host answers for its own address and forwards nothing (forwarding is
 off on the demo's taps), so no probe reaches beyond this machine, or the ledger zone.
 
+With --layout kata, the ledger zone (the other tenant's, which the compromised zone probes)
+runs laid out as a Kata pod (zonewatch.lab.kata): its QEMU in a network namespace of its
+own on tap0_kata, its share served by virtiofsd, its name a sandbox id.
+
 The agent (`zonewatch run --tui --rules rules/`, a child process) shows the zones and the
 alerts of the default rules as they come. Ctrl-C (or q) quits the UI, which stops the
 agent; then every zone, tap (with the agent's tc filters) and file the demo made is
 removed. Without a terminal, or with --jsonl, the agent prints JSON lines instead.
 
-    python -m zonewatch.demo [--jsonl] [--duration S] [--no-events]
+    python -m zonewatch.demo [--jsonl] [--duration S] [--no-events] [--layout plain|kata]
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from zonewatch.lab import workloads
-from zonewatch.lab.lab import Lab, tenants_yaml
+from zonewatch.lab import kata, workloads
+from zonewatch.lab.assets import SHARE_TAG
+from zonewatch.lab.lab import Lab, tenant_entries, tenants_yaml
 from zonewatch.lab.microvm import MicroVmProcess
 from zonewatch.lab.qemu import QemuZone, ZoneSpec
-from zonewatch.lab.state import LabError
+from zonewatch.lab.state import LAYOUTS, LabError, Layout
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
 COMPROMISED = ("shop-web", "acme")
@@ -57,6 +62,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--duration", metavar="S", type=float, help="stop after S seconds")
     p.add_argument("--no-events", action="store_true", help="no raw events: stats and alerts only")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="plain",
+        help=f"the {TARGET} zone's layout: plain (default) or kata (laid out as a Kata pod)",
+    )
     return p.parse_args(argv)
 
 
@@ -77,7 +88,9 @@ def use_tui(args: argparse.Namespace) -> bool:
 
 def agent_command(tenants: Path, workdir: Path, args: argparse.Namespace, tui: bool) -> list[str]:
     cmd = [sys.executable, "-m", "zonewatch", "-v", "run", "--tenants", str(tenants),
-           "--share-mount", "share=/mnt/share", "--journal", str(workdir / "journal")]  # fmt: skip
+           "--share-mount", f"{SHARE_TAG}=/mnt/share",
+           "--share-mount", f"{kata.SHARE_TAG}=/mnt/share",
+           "--journal", str(workdir / "journal")]  # fmt: skip
     if RULES.is_dir():
         cmd += ["--rules", str(RULES)]
     if tui:
@@ -104,12 +117,13 @@ class MicroVm(MicroVmProcess):
 
 
 def no_forwarding(zone: QemuZone) -> None:
-    """Nothing a guest sends past its tap's /30 is routed on (even on a host that forwards):
-    the metadata and lateral probes end at the tap. The setting goes with the tap."""
-    Path(f"/proc/sys/net/ipv4/conf/{zone.tap}/forwarding").write_text("0\n")
+    """Nothing a guest sends past its /30 is routed on (even on a host that forwards): the
+    metadata and lateral probes end at the host end of its link (a plain zone's tap, a
+    kata zone's veth). The setting goes with that link."""
+    Path(f"/proc/sys/net/ipv4/conf/{zone.host_link}/forwarding").write_text("0\n")
 
 
-def boot(lab: Lab) -> QemuZone:
+def boot(lab: Lab, target_layout: Layout = "plain") -> QemuZone:
     """Spawn the three zones (boots overlap), the compromised one last: its workload names
     the target zone's address. Returns the compromised zone once every zone is ready.
 
@@ -118,9 +132,9 @@ def boot(lab: Lab) -> QemuZone:
     crowding the UI's alerts pane just as the first attacks arrive."""
     by_name: dict[str, QemuZone] = {}
     for name, tenant, workload in BENIGN:  # free indexes: other labs may be running
-        (by_name[name],) = lab.start(
-            [ZoneSpec(name, tenant, workload, index=lab.next_index())], wait=False
-        )
+        layout: Layout = target_layout if name == TARGET else "plain"
+        spec = ZoneSpec(name, tenant, workload, index=lab.next_index(), layout=layout)
+        (by_name[name],) = lab.start([spec], wait=False)
     target_ip = by_name[TARGET].guest_ip
     (compromised,) = lab.start(
         [ZoneSpec(*COMPROMISED, workloads.compromised(target_ip), index=lab.next_index())],
@@ -176,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lab = stack.enter_context(Lab())
         print("demo: booting 3 QEMU zones (TCG: a few seconds)...", file=sys.stderr)
         try:
-            compromised = boot(lab)
+            compromised = boot(lab, target_layout=args.layout)
             stack.enter_context(MicroVm(MICROVM[0], rate=500.0))
         except KeyboardInterrupt:
             hold_signals()
@@ -187,10 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"demo: {exc}; stopping zones", file=sys.stderr)
             return 1
         tenants = workdir / "tenants.yaml"
-        tenants.write_text(tenants_yaml([*((z.name, z.tenant) for z in lab.zones), MICROVM]))
+        entries = tenant_entries(z.record for z in lab.zones)
+        tenants.write_text(tenants_yaml([*entries, MICROVM]))
         for zone in lab.zones:
             role = " COMPROMISED" if zone is compromised else ""
-            print(f"demo: {zone.name} ({zone.tenant}) tap {zone.tap} {zone.guest_ip} "
+            pod = f" (kata pod, netns {zone.netns})" if zone.layout == "kata" else ""
+            print(f"demo: {zone.name} ({zone.tenant}) tap {zone.tap}{pod} {zone.guest_ip} "
                   f"share {zone.share_dir}{role}", file=sys.stderr)  # fmt: skip
         print(f"demo: agent starting{' (UI)' if tui else ''}; Ctrl-C stops everything",
               file=sys.stderr)  # fmt: skip

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import gzip
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +102,79 @@ def checks() -> list[Check]:
     out.append(
         Check("QEMU", qemu is not None, qemu or "qemu-system-x86 not installed", essential=False)
     )
+    out.append(netns_entry_check())
     return out
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def _in_child(body: Callable[[], int]) -> int:
+    """Run `body` in a forked child; returns its result (an errno, 0 for success), so what it
+    does to namespaces stays in the child."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        code = 255
+        try:
+            code = body()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _libc_call(name: str, *args: int) -> int:
+    """0, or the errno of libc's `name(*args)`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return 0 if getattr(libc, name)(*args) == 0 else ctypes.get_errno()
+
+
+def netns_entry_check() -> Check:
+    """Kata pods and jailed microVMs keep their taps in network namespaces of their own: the
+    net probe enters a VMM's namespace (setns, which needs CAP_SYS_ADMIN) to find its tap and
+    put its tc filters there. Tried for real: a child makes a namespace, another enters it."""
+    name = "pod network namespaces"
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+
+    def hold_a_namespace() -> int:
+        os.close(ready_r)
+        os.close(hold_w)
+        err = _libc_call("unshare", CLONE_NEWNET)
+        os.write(ready_w, bytes([err]))
+        os.read(hold_r, 1)  # until the parent is done
+        return 0
+
+    holder = os.fork()
+    if holder == 0:  # pragma: no cover (the child)
+        code = 255
+        try:
+            code = hold_a_namespace()
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(hold_r)
+    try:
+        made = os.read(ready_r, 1)
+        err = made[0] if made else errno.ECHILD
+        if not err:
+
+            def enter() -> int:
+                fd = os.open(f"/proc/{holder}/ns/net", os.O_RDONLY)
+                return _libc_call("setns", fd, CLONE_NEWNET)
+
+            err = _in_child(enter)
+    finally:
+        os.close(hold_w)
+        os.close(ready_r)
+        os.waitpid(holder, 0)
+    if err:
+        detail = (
+            f"cannot enter one ({os.strerror(err)}; needs CAP_SYS_ADMIN): taps in Kata pods "
+            "and Firecracker jails go unwatched"
+        )
+        return Check(name, False, detail, essential=False)
+    return Check(name, True, "can enter a VMM's network namespace (taps in pods, jails)", False)
 
 
 def uprobe_check(tfs: Path | None, cfg: dict[str, str]) -> Check:

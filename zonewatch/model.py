@@ -77,6 +77,14 @@ class Share:
 
 
 @dataclass(slots=True, frozen=True)
+class NetNs:
+    """The network namespace a zone's VMM (and so its taps) lives in."""
+
+    inode: int  # the namespace's identity (stat of /proc/PID/ns/net) while it lives
+    path: str  # where to enter it: /proc/<the VMM's pid>/ns/net
+
+
+@dataclass(slots=True, frozen=True)
 class ZoneRef:
     """What every event and alert carries about its zone (the `zone` JSON object)."""
 
@@ -106,6 +114,7 @@ class Zone:
     disks: tuple[str, ...] = ()
     helper_pids: tuple[int, ...] = ()  # backend processes acting for the zone (virtiofsd)
     labels: dict[str, str] = field(default_factory=dict)
+    netns: NetNs | None = None  # where its taps are; None: unknown, taken as the agent's own
 
     @property
     def ref(self) -> ZoneRef:
@@ -137,6 +146,7 @@ class Zone:
             "disks": list(self.disks),
             "helper_pids": list(self.helper_pids),
             "labels": dict(self.labels),
+            "netns": self.netns.inode if self.netns else None,
         }
 
 

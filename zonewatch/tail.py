@@ -26,6 +26,15 @@ SEVERITY_STYLE = {
     Severity.HIGH: "bold red",
     Severity.CRITICAL: "bold white on red",
 }
+LOST_REASONS = {
+    "retention": "they left the agent's journal before they could be shown",
+    "not_written": "the agent's journal disk refused them and the agent stopped (or its "
+    "memory backlog was full)",
+    "power_loss": "the host restarted before they reached the disk (an upper bound)",
+    "damaged": "their records in the agent's journal are damaged",
+    "epoch": "the agent's journal is not the one resumed from: replaying it from its start",
+    "ahead": "the cursor is past the agent's journal end: replaying it from its start",
+}
 FATAL = (
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -85,14 +94,19 @@ class Printer:
     def lost(self, msg: Any) -> None:
         if self.as_json:
             rec = Lost(time.time_ns(), msg.source, msg.count).to_json()
-            rec["first_available_seq"] = msg.first_available_seq
+            rec["reason"] = msg.reason
+            if msg.count_unknown:
+                rec["count_unknown"] = True
+            if msg.last_seq:
+                rec["first_seq"], rec["last_seq"] = msg.first_seq, msg.last_seq
+                rec["first_available_seq"] = msg.first_available_seq
             sys.stdout.buffer.write(orjson.dumps(rec) + b"\n")
             sys.stdout.flush()
             return
-        self.console.print(
-            f"[bold yellow]{msg.count} alert(s) lost[/]: they left the agent's journal "
-            f"before they could be shown (resuming at #{msg.first_available_seq})"
-        )
+        count = "an unknown number of" if msg.count_unknown else str(msg.count)
+        where = f" (#{msg.first_seq}-#{msg.last_seq})" if msg.last_seq else ""
+        why = LOST_REASONS.get(msg.reason, msg.reason)
+        self.console.print(f"[bold yellow]{count} alert(s) lost[/]{where}: {why}")
 
 
 def run_tail(args: argparse.Namespace) -> int:
@@ -105,12 +119,13 @@ def run_tail(args: argparse.Namespace) -> int:
                  rules=args.rule, tags=args.tag)  # fmt: skip
     printer = Printer(args.json)
     position: int | None = args.since_seq
+    epoch = ""  # the journal's: a cursor from another journal is told apart
     boot = ""
     shown = 0
     backoff = 0.2
     while True:
         client = Client(open_channel(args.server, tls), token)
-        stream = client.subscribe(flt, resume_after_seq=position)
+        stream = client.subscribe(flt, resume_after_seq=position, resume_epoch=epoch)
         try:
             for msg in stream:
                 backoff = 0.2
@@ -118,7 +133,7 @@ def run_tail(args: argparse.Namespace) -> int:
                     if boot:
                         log.warning("tail: the agent restarted; resuming after #%d", position)
                     boot = msg.cursor.boot_id
-                position = msg.cursor.seq
+                position, epoch = msg.cursor.seq, msg.cursor.epoch
                 kind = msg.WhichOneof("msg")
                 if kind == "alert":
                     printer.alert(msg.alert)

@@ -33,8 +33,8 @@ from zonewatch.api.auth import TokenStore
 from zonewatch.api.client import Client, Filter, open_channel
 from zonewatch.api.server import GrpcServer, ServerConfig
 from zonewatch.delivery import Delivery
-from zonewatch.journal import Journal, JournalOptions, decode
-from zonewatch.model import Severity, ZoneStats
+from zonewatch.journal import Journal, JournalOptions, decode_record
+from zonewatch.model import Alert, Severity, ZoneStats
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = """version: 1
@@ -142,6 +142,77 @@ def test_tenant_tokens_see_only_their_own(stack: Delivery) -> None:
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     for c in (acme, globex, admin):
         c.close()
+
+
+def until_heartbeat(stream: Any) -> list[Any]:
+    """Messages up to and including the first heartbeat (the stream caught up)."""
+    out = []
+    for msg in stream:
+        out.append(msg)
+        if msg.WhichOneof("msg") == "heartbeat":
+            break
+    return out
+
+
+def test_a_tenant_scoped_stream_reveals_nothing_of_other_tenants(
+    tmp_path: Path, tokens_file: Path
+) -> None:
+    """Its cursors, heartbeats and `lost` notices carry its own tenants' seqs and counts
+    only: another tenant's volume and timing stay hidden (issue 14, part 6)."""
+    opts = JournalOptions(segment_bytes=4096, max_bytes=16384, cache_records=0)
+    journal = Journal(tmp_path / "journal", opts)
+    server = GrpcServer(ServerConfig(TokenStore.load(tokens_file), address=f"unix:{tmp_path}/s",
+                                     heartbeat_s=0.1), journal).start()  # fmt: skip
+    delivery = Delivery(journal, [], server)
+    acme, admin = client(delivery, ACME), client(delivery, ADMIN)
+    try:
+        delivery.publish([make_alert(i, "acme") for i in range(3)])  # seqs 1-3
+        for i in range(300):  # globex floods: retention drops acme's three
+            delivery.publish([make_alert(i, "globex")])
+        delivery.publish([make_alert(3, "acme")])  # seq 304
+        first = journal.first_seq
+        assert first > 4
+        # Resuming from 0: one `lost` of acme's 3 alerts, no global seq in it or its cursor.
+        msgs = until_heartbeat(acme.subscribe(resume_after_seq=0, timeout=20))
+        assert [m.WhichOneof("msg") for m in msgs] == ["lost", "alert", "heartbeat"]
+        lost, alert, beat = msgs
+        assert (lost.lost.reason, lost.lost.count, lost.lost.count_unknown) == ("retention", 3,
+                                                                                False)  # fmt: skip
+        assert (lost.lost.first_seq, lost.lost.last_seq, lost.lost.first_available_seq) == (0, 0, 0)
+        assert lost.cursor.seq == 0
+        assert alert.alert.seq == 304
+        assert (beat.cursor.seq, beat.heartbeat.last_seq) == (304, 304)
+        # The same journal to an all-tenant token: the whole range, globex's included.
+        (glost,) = [m.lost for m in until_heartbeat(admin.subscribe(resume_after_seq=0,
+                    timeout=20)) if m.WhichOneof("msg") == "lost"]  # fmt: skip
+        assert (glost.count, glost.first_seq, glost.last_seq) == (first - 1, 1, first - 1)
+        # Live: globex keeps publishing; acme's heartbeats do not move (no timing leak)...
+        live = acme.subscribe(heartbeat_ms=100, timeout=30)
+        beats = []
+        for msg in live:
+            assert msg.WhichOneof("msg") == "heartbeat"
+            beats.append((msg.cursor.seq, msg.heartbeat.last_seq))
+            delivery.publish([make_alert(len(beats), "globex") for _ in range(20)])
+            if len(beats) == 5:
+                break
+        assert beats == [(304, 304)] * 5
+        delivery.publish([make_alert(9, "acme")])  # ...until one of its own arrives
+        (own,) = take(live, 1)
+        (beat,) = take(live, 1, "heartbeat")
+        live.cancel()
+        assert own.alert.seq == beat.cursor.seq == beat.heartbeat.last_seq == journal.last_seq
+        # A quiet tenant resuming after retention dropped only others' alerts: no notice.
+        resume_at = own.alert.seq
+        for i in range(300):
+            delivery.publish([make_alert(i, "globex")])
+        assert journal.first_seq > resume_at
+        msgs = until_heartbeat(acme.subscribe(resume_after_seq=resume_at, timeout=20))
+        assert [m.WhichOneof("msg") for m in msgs] == ["heartbeat"]
+        assert (msgs[0].cursor.seq, msgs[0].heartbeat.last_seq) == (resume_at, resume_at)
+    finally:
+        acme.close()
+        admin.close()
+        delivery.close()
 
 
 @pytest.mark.parametrize("token", ["wrong-token-0001", None], ids=["unknown", "missing"])
@@ -271,7 +342,7 @@ def test_resume_after_kill9_is_exactly_once_in_order(tmp_path: Path, tokens_file
     assert received == list(range(1, len(received) + 1))  # every one, once, in order
     journal = {
         a.seq: a for seg in sorted((tmp_path / "j").glob("*.seg"))
-        for a in map(decode, seg.read_bytes().splitlines())
+        for a in map(decode_record, seg.read_bytes().splitlines()) if isinstance(a, Alert)
     }  # fmt: skip
     # The second run numbered on from the first: no seq was reused for another alert.
     from zonewatch.api.convert import alert_pb

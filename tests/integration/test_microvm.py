@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.microvms import MicroVmFactory
+from zonewatch.inventory.cmdline import VCPU_THREAD_PATTERN
 from zonewatch.lab import microvm as mv
 
 pytestmark = pytest.mark.integration
@@ -202,6 +203,22 @@ def test_paced_exits_are_counted_and_rate_held(microvm: MicroVmFactory) -> None:
     assert final["ports"] == {"0x3f8": final["exits"]["io"]}
     assert final["mmio_pages"] == {"0xfebc1000": final["exits"]["mmio"]}
     assert final["config"]["rate"] == rate
+
+
+@requires_kvm
+def test_unnamed_threads_all_keep_the_process_comm(microvm: MicroVmFactory) -> None:
+    """As Kata's QEMU without debug-threads: no thread name tells the vCPU apart."""
+    vm = microvm("kata-like", rate=500, unnamed_threads=True)
+    stats = vm.wait_stats(lambda s: s["vcpu_tid"] and s["iterations"] > 0, timeout=15)
+    assert "--unnamed-threads" in cmdline(vm.pid)
+    comms = thread_comms(vm.pid)
+    assert stats["vcpu_tid"] != vm.pid
+    assert comms[stats["vcpu_tid"]] == comms[vm.pid] == mv.PROCESS_COMM
+    # Every thread the VMM made keeps its comm. (KVM adds a kernel worker of its own to
+    # the VM's process on this kernel, "kvm-nx-lpage-recovery": named, but no vCPU.)
+    assert not [c for c in comms.values() if VCPU_THREAD_PATTERN.match(c)], comms
+    assert set(comms.values()) - {mv.PROCESS_COMM} <= {"kvm-nx-lpage-re"}, comms
+    assert_consistent(stats, 1, 1)
 
 
 @requires_kvm

@@ -25,15 +25,8 @@ from zonewatch.lab.tapfd import (
     udp,
 )
 from zonewatch.model import Vmm, Zone
-from zonewatch.probes.net import (
-    FILTER_PRIO,
-    TC_INGRESS,
-    NetProbe,
-    TcFilters,
-    ZoneNet,
-    net_event,
-    parse_dns_query,
-)
+from zonewatch.probes import tc
+from zonewatch.probes.net import NetProbe, ZoneNet, net_event, parse_dns_query
 from zonewatch.probes.records import NetDir, NetOp, NetRecord
 
 ZONE_A, ZONE_B = 61, 62
@@ -326,11 +319,8 @@ def test_idle_flows_end_in_user_space(probe: NetProbe, two_zones: tuple[Net, Net
 
 
 def our_filters(ipr: IPRoute, index: int) -> list[str]:
-    names = []
-    for _parent, msg in TcFilters.filters(ipr, index):
-        options = msg.get_attr("TCA_OPTIONS")
-        names.append(str(options.get_attr("TCA_BPF_NAME")) if options else "")
-    return names
+    hooks = (tc.CLSACT_INGRESS, tc.CLSACT_EGRESS)
+    return [tc.filter_name(msg) or "?" for h in hooks for msg in tc.filters(ipr, index, h)]
 
 
 def test_filters_follow_the_taps_and_leave_others_alone(probe: NetProbe) -> None:
@@ -342,12 +332,12 @@ def test_filters_follow_the_taps_and_leave_others_alone(probe: NetProbe) -> None
         probe.set_taps({"zwnt4": 64})
         fd = probe.bpf.load_func(b"zw_net_zone_tx", __import__("bcc").BPF.SCHED_CLS).fd
         ipr.tc(
-            "add-filter", "bpf", index, 0x99, fd=fd, name="other_tool", parent=TC_INGRESS,
+            "add-filter", "bpf", index, 0x99, fd=fd, name="other_tool", parent=tc.CLSACT_INGRESS,
             classid=1, direct_action=True, prio=7,
         )  # fmt: skip
         ipr.tc(
             "add-filter", "bpf", index, 0x98, fd=fd, name="zw_net_zone_tx:999999999:1",
-            parent=TC_INGRESS, classid=1, direct_action=True, prio=FILTER_PRIO,
+            parent=tc.CLSACT_INGRESS, classid=1, direct_action=True, prio=tc.FILTER_PRIO,
         )  # fmt: skip
         names = our_filters(ipr, index)
         assert "other_tool" in names

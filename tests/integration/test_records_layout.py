@@ -49,6 +49,7 @@ COMPILED = [
     ("sched:zw_wait_state", "waiting", "Leaf"),
     ("net:zw_flow_key", "flows", "Key"),
     ("net:zw_flow_stats", "flows", "Leaf"),
+    ("net:zw_net_if_key", "zone_ifs", "Key"),
     ("net:zw_net_if", "zone_ifs", "Leaf"),
     ("net:zw_net_counters", "counters", "Leaf"),
     ("net:zw_net_event", "scratch", "Leaf"),

@@ -9,15 +9,13 @@ must fall. Windows are measured on the VMM's own clock (its stats file), not sle
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers.cpu import hog_on, vcpu_alone_on_a_core
 from zonewatch.lab import microvm as mv
 from zonewatch.lab.microvm import MicroVmProcess
 from zonewatch.model import Vmm, Zone
@@ -30,7 +28,6 @@ pytestmark = pytest.mark.skipif(
 
 ZONE = 61
 WINDOW_S = 2.0
-HOG = "while True:\n    pass\n"
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +48,6 @@ def vm(tmp_path: Path) -> Iterator[MicroVmProcess]:
         yield proc.start()
     finally:
         proc.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_until(cond: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.01)
 
 
 def window(probe: SchedProbe, vm: MicroVmProcess) -> tuple[ZoneSched, float]:
@@ -88,30 +71,16 @@ def describe(name: str, z: ZoneSched, seconds: float) -> str:
 def test_a_hog_on_the_vcpu_core_raises_run_delay(probe: SchedProbe, vm: MicroVmProcess) -> None:
     stats: dict[str, Any] = vm.wait_stats(lambda s: s["vcpu_tid"] and s["iterations"] > 0, 20)
     tid = stats["vcpu_tid"]
-    mine = os.sched_getaffinity(0)
-    core = max(mine)
-    others = mine - {core}
     try:
-        # The vCPU thread alone on `core`; the VMM's other threads and this test elsewhere.
-        for task in Path(f"/proc/{vm.pid}/task").iterdir():
-            os.sched_setaffinity(int(task.name), {core} if int(task.name) == tid else others)
-        os.sched_setaffinity(0, others)
-        zone = Zone(id="s", key=ZONE, name="sched", tenant="t", vmm=Vmm.MICROVM, pid=vm.pid,
-                    start_time=0, vcpu_tids=(tid,))  # fmt: skip
-        probe.set_zones([zone])
-        quiet, quiet_s = window(probe, vm)
-        hog = subprocess.Popen([sys.executable, "-c", HOG])
-        try:
-            os.sched_setaffinity(hog.pid, {core})
-            # The hog is really running before the loaded window starts.
-            wait_until(lambda: cpu_seconds(hog.pid) >= 0.2, timeout=10)
-            loaded, loaded_s = window(probe, vm)
-        finally:
-            hog.kill()
-            hog.wait()
+        with vcpu_alone_on_a_core(vm.pid, tid) as core:
+            zone = Zone(id="s", key=ZONE, name="sched", tenant="t", vmm=Vmm.MICROVM,
+                        pid=vm.pid, start_time=0, vcpu_tids=(tid,))  # fmt: skip
+            probe.set_zones([zone])
+            quiet, quiet_s = window(probe, vm)
+            with hog_on(core):
+                loaded, loaded_s = window(probe, vm)
     finally:
         probe.set_zones([])
-        os.sched_setaffinity(0, mine)
 
     report = describe("unloaded", quiet, quiet_s) + "; " + describe("loaded", loaded, loaded_s)
     print(report)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,24 +56,111 @@ def test_metadata_needs_a_bearer_token(tmp_path: Path) -> None:
     assert s.from_metadata(None) is None
 
 
+ENTRY = "version: 1\ntokens:\n  - name: a\n    token: long-enough-1\n"
+
+
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("text", "line", "col", "message"),
     [
-        ("tokens: []", "version: 1"),
-        ("version: 1\ntokens: []", "non-empty"),
-        ("version: 1\ntokens:\n  - name: a\n    token: short\n    tenants: [x]", "8 characters"),
-        ("version: 1\ntokens:\n  - name: a\n    sha256: zz\n    tenants: [x]", "hex"),
-        ("version: 1\ntokens:\n  - name: a\n    token: long-enough-1\n", "tenants"),
-        (
-            "version: 1\ntokens:\n  - {name: a, token: long-enough-1, tenants: [x]}\n"
-            "  - {name: a, token: long-enough-2, tenants: [y]}",
-            "duplicate",
-        ),
+        ("", 1, 1, "empty tokens file"),
+        ("tokens: []", 1, 1, "missing 'version'"),
+        ("version: 2\ntokens: []", 1, 10, "unsupported version '2'"),
+        ("version: 1\ntokens: []", 2, 9, "non-empty list"),
+        ("version: 1\ntokens: {a: 1}", 2, 9, "must be a list of token entries"),
+        ("version: 1\ntoken: []", 2, 1, "unknown key 'token' (expected version, tokens)"),
+        ("version: 1\ntokens:\n  - name: a\n    token: short\n    tenants: [x]", 4, 12,
+         "8 characters"),
+        ("version: 1\ntokens:\n  - name: a\n    token: has space\n    tenants: [x]", 4, 12,
+         "may hold only"),
+        ("version: 1\ntokens:\n  - name: a\n    sha256: zz\n    tenants: [x]", 4, 13,
+         "64 hex digits"),
+        (ENTRY.replace("token: long-enough-1", "token: 123456789"), 4, 12, "must be a string"),
+        (ENTRY, 3, 5, "missing 'tenants'"),
+        (ENTRY + "    tenats: [x]\n", 5, 5,
+         "unknown key 'tenats' (expected name, token, sha256, tenants)"),
+        (ENTRY + "    tenants: x\n", 5, 14, "must be a non-empty list"),
+        (ENTRY + "    tenants: []\n", 5, 14, "must be a non-empty list"),
+        (ENTRY + "    tenants: [null, yes, 12]\n", 5, 15, "must be a string, not 'null'"),
+        (ENTRY + "    tenants: [acme, yes]\n", 5, 21, "must be a string, not 'yes'"),
+        (ENTRY + "    tenants: [acme, 12]\n", 5, 21, "must be a string, not '12'"),
+        (ENTRY + "    tenants: [\"acme\", \"*\"]\n", 5, 23, "list it alone"),
+        (ENTRY + "    tenants: [acme, acme]\n", 5, 21, "listed twice"),
+        (ENTRY + "    tenants: [\"a b\"]\n", 5, 15, "invalid tenant name"),
+        (ENTRY + "    sha256: \"" + "0" * 64 + "\"\n    tenants: [x]\n", 3, 5, "exactly one"),
+        ("version: 1\ntokens:\n  - name: a\n    tenants: [x]\n", 3, 5, "exactly one"),
+        ("version: 1\ntokens:\n  - {name: a, token: long-enough-1, tenants: [x]}\n"
+         "  - {name: a, token: long-enough-2, tenants: [y]}", 4, 12,
+         "duplicate token name 'a' (first at line 3)"),
+        ("version: 1\ntokens:\n  - {name: a, token: long-enough-1, tenants: [x]}\n"
+         "  - {name: a, token: long-enough-1, name: b, tenants: [y]}", 4, 37, "duplicate key"),
+        ("version: 1\ntokens:\n  - [a]\n", 3, 5, "a token entry is a mapping"),
+        ("version: 1\ntokens: [\n", 3, 1, "not YAML"),
+        ("version: 1\ntokens: &a [1]\nother: *a\n", 3, 8, "aliases"),
     ],
-)
-def test_malformed_tokens_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+)  # fmt: skip
+def test_malformed_tokens_files_are_refused_with_file_line_col(
+    tmp_path: Path, text: str, line: int, col: int, message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
         store(tmp_path, text)
+    assert err.value.where == f"{tmp_path / 'tokens.yaml'}:{line}:{col}"
+    assert message in err.value.message
+
+
+SECRET = "s3cret-acme-0001"
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        f'token: "{SECRET}"',
+        f'sha256: "{hashlib.sha256(SECRET.encode()).hexdigest()}"',
+        f'sha256: "{hashlib.sha256(SECRET.encode()).hexdigest().upper()}"',
+    ],
+    ids=["token", "sha256", "SHA256"],
+)
+def test_two_entries_with_the_same_secret_are_refused_without_showing_it(
+    tmp_path: Path, second: str
+) -> None:
+    """A tenant token must never silently become all-tenant (or the reverse) because a
+    later entry reuses its secret."""
+    text = (
+        f'version: 1\ntokens:\n  - name: acme\n    token: "{SECRET}"\n    tenants: [acme]\n'
+        f'  - name: all\n    {second}\n    tenants: ["*"]\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        store(tmp_path, text)
+    assert err.value.where.rsplit(":", 2)[1] == "7"  # the second secret's line
+    assert "token 'all' has the same secret as token 'acme' (line 4)" in err.value.message
+    shown = str(err.value)
+    assert SECRET not in shown
+    assert hashlib.sha256(SECRET.encode()).hexdigest() not in shown.lower()
+
+
+def test_a_secret_never_reaches_an_error_or_a_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for secret_line in ("token: 12345678901", "token: [s3cret-value-1]", "sha256: 12345"):
+        text = f"version: 1\ntokens:\n  - name: a\n    {secret_line}\n    tenants: [x]\n"
+        with pytest.raises(ConfigError) as err:
+            store(tmp_path, text)
+        value = secret_line.split(": ", 1)[1].strip("[]")
+        assert value not in str(err.value)
+    assert not any("s3cret" in r.getMessage() for r in caplog.records)
+
+
+def test_the_cli_exits_2_with_one_line_for_a_bad_tokens_file(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text(ENTRY + "    tenats: [acme]\n")
+    path.chmod(0o600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "zonewatch", "run", "--tokens", str(path), "--grpc",
+         f"unix:{tmp_path}/zw.sock", "--journal", str(tmp_path / "j"), "--duration", "1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"{path}:5:5: token entry: unknown key 'tenats'" in line
 
 
 def test_scope_narrows_and_refuses_other_tenants() -> None:

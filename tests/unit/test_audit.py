@@ -166,6 +166,28 @@ def test_vcpus_of_two_tenants_on_shared_cores(host: FakeHost) -> None:
     assert a.evidence["overlap"] == {"b (globex)": [1]}
 
 
+def test_zones_with_no_vcpu_thread_known_are_judged_by_all_their_vmm_threads(
+    host: FakeHost,
+) -> None:
+    """Threads without names (Kata's QEMU) and no agent to see them run: the vCPUs are among
+    the VMM's threads, so where those may run bounds where the vCPUs may."""
+    host.process(100, vcpus={100: "0-1", 102: "0-1"})  # unpinned VMM, unnamed threads
+    host.process(200, vcpus={201: "1"})  # a known vCPU on core 1
+    host.process(300, vcpus={300: "2", 301: "2"})  # a VMM pinned apart, unnamed threads
+    zones = [
+        zone("a", "acme", 100),
+        zone("b", "globex", 200, vcpu_tids=(201,)),
+        zone("c", "acme", 300),
+    ]
+    findings = audit(zones, host.view)
+    assert checks(findings, "a") == checks(findings, "b") == {"shared-cpus"}
+    assert checks(findings, "c") == set()
+    by_zone = {f.zone.name: f.evidence for f in findings}
+    assert by_zone["a"]["overlap"] == {"b (globex)": [1]}
+    assert by_zone["a"]["basis"] == "all VMM threads (no vCPU thread known)"
+    assert by_zone["b"]["basis"] == "vcpu threads"
+
+
 def test_cpu_lists_and_a_vanished_process(host: FakeHost) -> None:
     assert parse_cpu_list("0-3,8,10-11") == frozenset({0, 1, 2, 3, 8, 10, 11})
     assert parse_cpu_list("x,2") == frozenset({2})

@@ -32,6 +32,7 @@ LABELS = {
     "queue",
     "instance",
     "le",
+    "measure",  # made by a query (label_replace), two fixed values: not an exported label
 }
 
 

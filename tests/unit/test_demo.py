@@ -62,6 +62,14 @@ def test_agent_command_ui_or_json_lines(tmp_path: Path) -> None:
     assert lines[lines.index("--duration") + 1] == "5.0" and "--events" not in lines
 
 
+def test_the_agent_maps_both_layouts_shares_to_the_guest_path(tmp_path: Path) -> None:
+    cmd = demo.agent_command(tmp_path / "t.yaml", tmp_path, demo.parse_args([]), tui=False)
+    mounts = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--share-mount"]
+    assert mounts == ["share=/mnt/share", "kataShared=/mnt/share"]
+    assert demo.parse_args([]).layout == "plain"
+    assert demo.parse_args(["--layout", "kata"]).layout == "kata"
+
+
 def test_without_a_terminal_the_demo_says_it_prints_json_lines(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -191,3 +191,61 @@ def test_invalid_utf8_in_share_disk_and_tap_names_is_escaped_not_fatal(tmp_path:
     assert zone.taps == ("tap\\xff\\xfe",)
     orjson.dumps(zone.to_json())  # raised TypeError (surrogates) before
     zone_pb(zone).SerializeToString()  # raised UnicodeEncodeError before
+
+
+KATA_ARGV = ["/opt/kata/bin/qemu-system-x86_64", "-name", "sandbox-" + "ab" * 32, "-m", "256"]
+UNNAMED = "qemu-system-x86"  # every thread's comm without debug-threads=on
+
+
+def test_vcpu_threads_seen_running_join_a_zone_with_unnamed_threads(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    proc.spawn(500, KATA_ARGV, threads={500: UNNAMED, 501: UNNAMED, 502: UNNAMED, 503: UNNAMED})
+    inv = Inventory(TenantMap.empty(), proc=proc.root)
+    (zone,) = inv.refresh().added
+    assert zone.vcpu_tids == ()  # no name tells the vCPUs apart
+    inv.observe_vcpu_threads({501: zone.key, 503: zone.key})
+    change = inv.refresh()
+    assert [z.vcpu_tids for z in change.updated] == [(501, 503)]
+    assert not inv.refresh()  # the same observation: nothing new
+
+    # vCPU 503 exits: gone from the VMM's task list, so gone even if the last observation
+    # (read before it exited) still names it.
+    (proc.root / "500" / "task" / "503" / "comm").unlink()
+    (proc.root / "500" / "task" / "503").rmdir()
+    change = inv.refresh()
+    assert [z.vcpu_tids for z in change.updated] == [(501,)]
+    # The next observation no longer has it: a thread taking tid 503 in this VMM later is
+    # no vCPU until it is seen running KVM_RUN itself.
+    inv.observe_vcpu_threads({501: zone.key})
+    proc.spawn(500, KATA_ARGV, threads={503: UNNAMED})
+    assert not inv.refresh()
+    assert inv.zones[zone.id].vcpu_tids == (501,)
+
+
+def test_a_seen_tid_only_joins_its_own_zone_while_it_is_that_vmms_thread(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    proc.spawn(500, KATA_ARGV, threads={500: UNNAMED, 501: UNNAMED})
+    proc.spawn(600, KATA_ARGV, threads={600: UNNAMED, 601: UNNAMED})
+    inv = Inventory(TenantMap.empty(), proc=proc.root)
+    zones = {z.pid: z for z in inv.refresh().added}
+    a, b = zones[500], zones[600]
+    # A stale observation: tid 601 seen for zone a (a reused tid, now zone b's thread), and
+    # a key of a zone that is gone.
+    inv.observe_vcpu_threads({501: a.key, 601: a.key, 700: 999})
+    inv.refresh()
+    assert inv.zones[a.id].vcpu_tids == (501,)
+    assert inv.zones[b.id].vcpu_tids == ()
+
+
+def test_named_and_seen_vcpu_threads_are_one_set(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    threads = {4242: "qemu-system-x86", 4250: "CPU 0/KVM", 4251: "CPU 1/KVM", 4252: "worker"}
+    proc.spawn(4242, QEMU_ARGV, threads=threads)
+    inv = Inventory(TenantMap.empty(), proc=proc.root)
+    (zone,) = inv.refresh().added
+    assert zone.vcpu_tids == (4250, 4251)
+    inv.observe_vcpu_threads({4250: zone.key, 4251: zone.key})  # named ones, seen as well
+    assert not inv.refresh()
+    inv.observe_vcpu_threads({})  # a named thread needs no sighting
+    assert not inv.refresh()
+    assert inv.zones[zone.id].vcpu_tids == (4250, 4251)

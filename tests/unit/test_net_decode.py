@@ -12,15 +12,8 @@ from hypothesis import strategies as st
 
 from zonewatch.lab.tapfd import dns_query
 from zonewatch.model import Vmm, Zone
-from zonewatch.probes.net import (
-    DNS_NAME_MAX,
-    NetSnapshot,
-    ZoneNet,
-    escape_label,
-    fill_net,
-    net_event,
-    parse_dns_query,
-)
+from zonewatch.probes.dns import DNS_NAME_MAX, escape_label, parse_dns_query
+from zonewatch.probes.net import NetSnapshot, ZoneNet, fill_net, net_event
 from zonewatch.probes.records import (
     NET_DECODERS,
     DecodeErrors,

@@ -11,16 +11,23 @@ Tokens file (YAML; keep it 0600, the agent warns otherwise):
         token: "s3cret-acme"
         tenants: [acme]
 
+The file is checked node by node (zonewatch.yamlfile): unknown or duplicate keys, wrong
+types, two entries with the same secret (one would silently shadow the other's scope),
+a tenant that is not a tenant name are errors `ConfigError("PATH:LINE:COL", message)`,
+never ignored; no message or log line ever shows a secret.
+
 Every call needs `authorization: Bearer <token>`; a missing or unknown token is refused
 with UNAUTHENTICATED. Health checking and reflection need no token (probes and tools).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
+import re
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -28,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
+from yaml.nodes import Node, ScalarNode
 
-from zonewatch.errors import ConfigError
+from zonewatch.inventory.tenants import TENANT_NAME_PATTERN
+from zonewatch.yamlfile import STR, NodeChecker, compose, is_map, is_seq, show
 
 log = logging.getLogger(__name__)
 
@@ -67,55 +75,117 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+MIN_TOKEN_CHARS = 8
+# What a bearer token may hold (RFC 6750 b64token): it travels in an HTTP/2 header.
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9._@:-]{1,63}")
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class _TokensChecker(NodeChecker):
+    def tokens(self, root: Node | None) -> list[tuple[bytes, Principal]]:
+        items = self.versioned_list(root, "tokens", "tokens file", "token entries")
+        if not items.value:
+            raise self.error(items, "'tokens' must be a non-empty list of token entries")
+        names: dict[str, Node] = {}
+        secrets: dict[bytes, tuple[str, Node]] = {}
+        return [self.entry(item, names, secrets) for item in items.value]
+
+    def entry(
+        self, node: Node, names: dict[str, Node], secrets: dict[bytes, tuple[str, Node]]
+    ) -> tuple[bytes, Principal]:
+        if not is_map(node):
+            raise self.error(node, "a token entry is a mapping with 'name', 'token' or "
+                             "'sha256', and 'tenants'")  # fmt: skip
+        fields = self.keys(node, ("name", "token", "sha256", "tenants"), "token entry")
+        if "name" not in fields:
+            raise self.error(node, "token entry is missing 'name'")
+        name_node = fields["name"][1]
+        name = self.string(name_node, "token name")
+        if not _TOKEN_NAME.fullmatch(name):
+            raise self.error(
+                name_node, f"invalid token name {show(name)}: 1-63 of A-Z a-z 0-9 . _ @ : -"
+            )
+        if name in names:
+            first = names[name].start_mark.line + 1
+            raise self.error(
+                name_node, f"duplicate token name {show(name)} (first at line {first})"
+            )
+        names[name] = name_node
+        digest, secret_node = self.secret(node, fields, name)
+        if digest in secrets:
+            other, other_node = secrets[digest]
+            raise self.error(
+                secret_node,
+                f"token {show(name)} has the same secret as token {show(other)} (line "
+                f"{other_node.start_mark.line + 1}): each secret must be unique, or one "
+                "entry's scope would silently replace the other's",
+            )
+        secrets[digest] = (name, secret_node)
+        if "tenants" not in fields:
+            raise self.error(node, f"token {show(name)} is missing 'tenants' ([\"*\"] for all)")
+        return digest, Principal(name, self.scope(fields["tenants"][1], name))
+
+    def secret(
+        self, node: Node, fields: dict[str, tuple[ScalarNode, Node]], name: str
+    ) -> tuple[bytes, Node]:
+        """The secret's digest and node. Messages never show the secret's value."""
+        if ("token" in fields) == ("sha256" in fields):
+            raise self.error(node, f"token {show(name)} needs exactly one of 'token' and 'sha256'")
+        if "sha256" in fields:
+            value = fields["sha256"][1]
+            if not (isinstance(value, ScalarNode) and value.tag == STR):
+                raise self.error(value, "'sha256' must be a quoted string of 64 hex digits")
+            if not _HEX64.fullmatch(value.value):
+                raise self.error(value, "'sha256' must be 64 hex digits (a SHA-256 digest)")
+            return bytes.fromhex(value.value), value
+        value = fields["token"][1]
+        if not (isinstance(value, ScalarNode) and value.tag == STR):
+            raise self.error(value, "'token' must be a string (quote it)")
+        if len(value.value) < MIN_TOKEN_CHARS:
+            raise self.error(value, f"'token' must be {MIN_TOKEN_CHARS} characters or more")
+        if not _TOKEN_CHARS.fullmatch(value.value):
+            raise self.error(value, "'token' may hold only A-Z a-z 0-9 - . _ ~ + / (then =)")
+        return _digest(value.value), value
+
+    def scope(self, node: Node, name: str) -> frozenset[str] | None:
+        if not is_seq(node) or not node.value:
+            raise self.error(node, f"token {show(name)}: 'tenants' must be a non-empty list "
+                             '(["*"] for all)')  # fmt: skip
+        tenants: dict[str, Node] = {}
+        for item in node.value:
+            if not (isinstance(item, ScalarNode) and item.tag == STR):
+                shown = show(item.value) if isinstance(item, ScalarNode) else "a collection"
+                raise self.error(item, f"a tenant must be a string, not {shown} (quote it)")
+            tenant = item.value
+            if tenant != ALL and not TENANT_NAME_PATTERN.fullmatch(tenant):
+                raise self.error(
+                    item, f"invalid tenant name {show(tenant)}: 1-63 of A-Z a-z 0-9 . _ -"
+                )
+            if tenant in tenants:
+                raise self.error(item, f"tenant {show(tenant)} listed twice")
+            tenants[tenant] = item
+        if ALL in tenants:
+            if len(tenants) > 1:
+                raise self.error(
+                    tenants[ALL], f"'{ALL}' means every tenant: list it alone, or name tenants"
+                )
+            return None
+        return frozenset(tenants)
+
+
 class TokenStore:
     def __init__(self, entries: Sequence[tuple[bytes, Principal]]) -> None:
         self._entries = list(entries)
 
     @classmethod
     def load(cls, path: str | Path) -> TokenStore:
-        path = Path(path)
+        """Read and check a tokens file; ConfigError("PATH:LINE:COL", message) if malformed."""
         where = str(path)
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("tokens file %s is readable by others (chmod 600 it)", path)
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(where, f"not YAML: {exc}") from None
-        if not isinstance(doc, dict) or doc.get("version") != 1:
-            raise ConfigError(where, "expected a mapping with `version: 1`")
-        items = doc.get("tokens")
-        if not isinstance(items, list) or not items:
-            raise ConfigError(where, "`tokens` must be a non-empty list")
-        entries: list[tuple[bytes, Principal]] = []
-        names: set[str] = set()
-        for i, item in enumerate(items):
-            at = f"{where}: tokens[{i}]"
-            if not isinstance(item, dict):
-                raise ConfigError(at, "expected a mapping")
-            name = item.get("name")
-            if not isinstance(name, str) or not name:
-                raise ConfigError(at, "`name` is required")
-            if name in names:
-                raise ConfigError(at, f"duplicate name {name!r}")
-            names.add(name)
-            if "sha256" in item:
-                try:
-                    digest = bytes.fromhex(str(item["sha256"]))
-                except ValueError:
-                    raise ConfigError(at, "`sha256` must be hex") from None
-                if len(digest) != 32:
-                    raise ConfigError(at, "`sha256` must be 64 hex digits")
-            elif isinstance(item.get("token"), str) and len(item["token"]) >= 8:
-                digest = _digest(item["token"])
-            else:
-                raise ConfigError(at, "needs `sha256` or a `token` of 8 characters or more")
-            tenants = item.get("tenants")
-            if not isinstance(tenants, list) or not tenants:
-                raise ConfigError(at, '`tenants` must be a list (["*"] for all)')
-            scope = None if ALL in tenants else frozenset(str(t) for t in tenants)
-            entries.append((digest, Principal(name, scope)))
-        return cls(entries)
+        with contextlib.suppress(OSError, ValueError):  # compose() says why it can't read
+            if os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                log.warning("tokens file %s is readable by others (chmod 600 it)", path)
+        return cls(_TokensChecker(where).tokens(compose(where, path, "tokens file")))
 
     def authenticate(self, token: str) -> Principal | None:
         digest = _digest(token)

@@ -81,9 +81,13 @@ class Client:
         resume_after_seq: int | None = None,
         heartbeat_ms: int = 0,
         timeout: float | None = None,
+        resume_epoch: str = "",
     ) -> Any:
-        """The response stream (iterate it; `.cancel()` ends it)."""
-        request = pb.SubscribeRequest(filter=(flt or Filter()).to_pb(), heartbeat_ms=heartbeat_ms)
+        """The response stream (iterate it; `.cancel()` ends it). Resume with the last
+        cursor's seq and epoch."""
+        request = pb.SubscribeRequest(
+            filter=(flt or Filter()).to_pb(), heartbeat_ms=heartbeat_ms, resume_epoch=resume_epoch
+        )
         if resume_after_seq is not None:
             request.resume_after_seq = resume_after_seq
         return self._alerts.Subscribe(request, metadata=self.metadata, timeout=timeout)

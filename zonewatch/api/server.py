@@ -1,12 +1,19 @@
 """The gRPC server (grpc.aio) in its own thread with its own event loop.
 
 The agent never awaits it: `Hub.publish` and friends hand data over with
-`loop.call_soon_threadsafe`. Each subscriber has a bounded queue; when it overflows, the
-queue is emptied (its memory freed at once) and the subscriber catches up from the journal
-when it reads again, or is told with an in-stream `lost` how many alerts left retention
-meanwhile. A slow subscriber therefore costs the others and the agent nothing but its own
-bounded queue. HTTP/2 BDP probing is off so that gRPC's own window stays small (64 KiB)
-rather than growing megabytes behind a slow reader.
+`loop.call_soon_threadsafe`. Each subscriber has a queue bounded in alerts and in bytes, and
+all the queues of one token share a byte cap; when a queue would pass a bound, it is emptied
+(its memory freed at once) and the subscriber catches up from the journal when it reads
+again, or is told with an in-stream `lost` what left retention meanwhile. A slow subscriber
+therefore costs the others and the agent nothing but its own bounded queue. HTTP/2 BDP
+probing is off so that gRPC's own window stays small (64 KiB) rather than growing megabytes
+behind a slow reader.
+
+Every seq the journal cannot deliver (a gap record: retention, not written, damaged, power
+loss) becomes an in-stream `lost` naming its range and reason, and so does a resume cursor
+from another journal epoch or past the journal's end. A tenant-scoped token sees no global
+number beyond its own alerts' seqs: its cursors and heartbeats carry the seq of its tenants'
+newest alert, and its `lost` notices count its tenants' alerts only.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from zonewatch.api.filters import AlertMatcher, AllowDeny, matcher_from_pb, scop
 from zonewatch.api.gen.zonewatch.v1 import zonewatch_pb2 as pb
 from zonewatch.api.gen.zonewatch.v1 import zonewatch_pb2_grpc as pb_grpc
 from zonewatch.errors import ConfigError
-from zonewatch.journal import Journal
+from zonewatch.journal import UNKNOWN_COUNT, Gap, GapReason, Journal, first_of
 from zonewatch.model import Alert, Zone, ZoneStats
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,8 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: mutual TLS, clients must present a cert
     queue_bound: int = 4096  # alerts per subscriber
+    queue_bytes: int = 4 << 20  # serialized alerts per subscriber
+    token_queue_bytes: int = 16 << 20  # the same, summed over one token's subscribers
     heartbeat_s: float = 5.0
     grace_s: float = 1.0
 
@@ -82,18 +91,42 @@ def unix_path(address: str) -> str | None:
     return None
 
 
+@dataclass(slots=True, frozen=True)
+class QueueLimits:
+    alerts: int
+    bytes: int
+    token_bytes: int
+
+
 @dataclass(slots=True, eq=False)
 class Subscription:
     """One Subscribe call's state; touched only on the server's loop."""
 
     matcher: AlertMatcher
-    bound: int
+    principal: Principal
     wake: asyncio.Event
     pending: deque[tuple[int, bytes]] = field(default_factory=deque)
+    pending_bytes: int = 0
     position: int = 0  # the newest seq this subscriber has been shown or filtered past
     seen: int = 0  # the newest seq fanned out while this subscriber kept up
+    # Scoped tokens: the newest seq of its own tenants' alerts passed (its cursor), and
+    # fanned out while it kept up.
+    shown: int = 0
+    seen_own: int = 0
     overflowed: bool = False
     overflows: int = 0
+
+    @property
+    def scoped(self) -> bool:
+        return self.principal.tenants is not None
+
+    def owns(self, alert: Alert) -> bool:
+        return self.principal.may_see(alert.zone.tenant)
+
+    @property
+    def cursor(self) -> int:
+        """The seq its messages' cursors carry (never another tenant's, when scoped)."""
+        return self.shown if self.scoped else self.position
 
 
 @dataclass(slots=True, eq=False)
@@ -107,10 +140,11 @@ class Hub:
     """What the server shows: live alerts, zones, stats. Thread-safe entry points are
     publish, publish_stats and set_zones; everything else runs on the server's loop."""
 
-    def __init__(self, journal: Journal, boot_id: str, queue_bound: int) -> None:
+    def __init__(self, journal: Journal, boot_id: str, limits: QueueLimits) -> None:
         self.journal = journal
         self.boot_id = boot_id
-        self.queue_bound = queue_bound
+        self.limits = limits
+        self.token_bytes: dict[str, int] = {}  # queued bytes per token name
         self.loop: asyncio.AbstractEventLoop | None = None
         self.subs: set[Subscription] = set()
         self.watchers: set[StatsWatch] = set()
@@ -141,35 +175,63 @@ class Hub:
 
     # -- on the loop --------------------------------------------------------------------------
 
+    def cursor(self, seq: int) -> Any:
+        return pb.Cursor(boot_id=self.boot_id, seq=seq, epoch=self.journal.epoch)
+
     def response(self, alert: Alert) -> bytes:
-        msg = pb.SubscribeResponse(
-            cursor=pb.Cursor(boot_id=self.boot_id, seq=alert.seq), alert=convert.alert_pb(alert)
-        )
+        msg = pb.SubscribeResponse(cursor=self.cursor(alert.seq), alert=convert.alert_pb(alert))
         data: bytes = msg.SerializeToString()
         return data
 
     def _fanout(self, alerts: list[Alert]) -> None:
         encoded: dict[int, bytes] = {}  # each alert serialized once, whoever receives it
         last = alerts[-1].seq
+        limits = self.limits
         for sub in self.subs:
             if sub.overflowed:
                 continue
-            matching = [a for a in alerts if sub.matcher(a)]
-            if len(sub.pending) + len(matching) > sub.bound:
+            matching: list[tuple[int, bytes]] = []
+            size = 0
+            for a in alerts:
+                if sub.matcher(a):
+                    data = encoded.get(a.seq)
+                    if data is None:
+                        data = encoded[a.seq] = self.response(a)
+                    matching.append((a.seq, data))
+                    size += len(data)
+            name = sub.principal.name
+            if (
+                len(sub.pending) + len(matching) > limits.alerts
+                or sub.pending_bytes + size > limits.bytes
+                or self.token_bytes.get(name, 0) + size > limits.token_bytes
+            ):
                 sub.overflowed = True
                 sub.overflows += 1
                 self.overflows += 1
-                sub.pending.clear()
+                self.clear(sub)
                 sub.wake.set()
                 continue
-            for a in matching:
-                data = encoded.get(a.seq)
-                if data is None:
-                    data = encoded[a.seq] = self.response(a)
-                sub.pending.append((a.seq, data))
+            sub.pending.extend(matching)
+            sub.pending_bytes += size
+            self.token_bytes[name] = self.token_bytes.get(name, 0) + size
             sub.seen = last
+            if sub.scoped:
+                sub.seen_own = max((a.seq for a in alerts if sub.owns(a)), default=sub.seen_own)
             if matching:
                 sub.wake.set()
+
+    def take(self, sub: Subscription) -> tuple[int, bytes]:
+        seq, data = sub.pending.popleft()
+        sub.pending_bytes -= len(data)
+        self.token_bytes[sub.principal.name] -= len(data)
+        return seq, data
+
+    def clear(self, sub: Subscription) -> None:
+        """Empties a subscriber's queue (its bytes no longer count against its token)."""
+        name = sub.principal.name
+        self.token_bytes[name] = self.token_bytes.get(name, 0) - sub.pending_bytes
+        sub.pending.clear()
+        sub.pending_bytes = 0
 
     def _stats_fanout(self, stats: list[ZoneStats]) -> None:
         self.stats = stats
@@ -190,37 +252,50 @@ class AlertServicer:
         self.heartbeat_s = heartbeat_s
         self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zw-replay")
 
-    async def subscribe(
+    async def _subscription(
         self, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
-        hub = self.hub
+    ) -> Subscription | None:
+        """The caller's subscription, or None once the call is refused."""
         principal = _principal(self.tokens, context)
         if principal is None:  # the interceptor refuses these first; kept as a second lock
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown token")
-            return
+            return None
         try:
             matcher = matcher_from_pb(principal, request.filter)
         except PermissionError as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-            return
+            return None
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return None
+        return Subscription(matcher, principal, asyncio.Event())
+
+    async def subscribe(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        hub = self.hub
+        sub = await self._subscription(request, context)
+        if sub is None:
             return
+        principal = sub.principal
         heartbeat = request.heartbeat_ms / 1000 if request.heartbeat_ms else self.heartbeat_s
         heartbeat = max(0.05, heartbeat)
-        sub = Subscription(matcher, hub.queue_bound, asyncio.Event())
         hub.subs.add(sub)  # before reading last_seq: nothing falls between the two
         log.info("subscriber %s connected (%s)", principal.name, context.peer())
         try:
-            last = hub.journal.last_seq
             replay = request.HasField("resume_after_seq")
-            # A cursor from beyond the journal's end (its journal was wiped) starts at the end.
-            sub.position = min(request.resume_after_seq, last) if replay else last
-            sub.seen = sub.position
+            if replay:
+                notice = self._start_replay(sub, request.resume_after_seq, request.resume_epoch)
+                if notice is not None:
+                    yield notice
+            else:
+                sub.position = hub.journal.last_seq
+                sub.shown = hub.journal.last_seq_of(principal.tenants)
+            sub.seen, sub.seen_own = sub.position, sub.shown
             while True:
                 if replay or sub.overflowed:
                     sub.overflowed = False
-                    sub.pending.clear()
+                    hub.clear(sub)
                     replay = False
                     async for data in self._replay(sub):
                         yield data
@@ -232,54 +307,99 @@ class AlertServicer:
                     except TimeoutError:
                         if not sub.pending and not sub.overflowed:
                             sub.position = max(sub.position, sub.seen)
-                            yield self._heartbeat(sub.position)
+                            sub.shown = max(sub.shown, sub.seen_own)
+                            yield self._heartbeat(sub)
                         continue
                 while sub.pending and not sub.overflowed:
-                    seq, data = sub.pending.popleft()
+                    seq, data = hub.take(sub)
                     if seq > sub.position:
                         sub.position = seq
+                        sub.shown = seq  # only its own tenants' alerts reach its queue
                         yield data
         finally:
+            hub.clear(sub)
             hub.subs.discard(sub)
             log.info("subscriber %s gone", principal.name)
 
-    def _heartbeat(self, position: int) -> bytes:
+    def _start_replay(self, sub: Subscription, after: int, epoch: str) -> bytes | None:
+        """Positions a resuming subscriber. A cursor from another journal (another epoch,
+        or past this one's end) gets a `lost` of unknown count and replays from the start."""
+        journal = self.hub.journal
+        reason = None
+        if epoch and epoch != journal.epoch:
+            reason = GapReason.EPOCH
+        elif after > journal.last_seq:
+            reason = GapReason.AHEAD
+        if reason is None:
+            sub.position = sub.shown = after
+            return None
+        sub.position = sub.shown = 0
+        data: bytes = pb.SubscribeResponse(
+            cursor=self.hub.cursor(0),
+            lost=pb.Lost(source="journal", reason=str(reason), count_unknown=True),
+        ).SerializeToString()
+        return data
+
+    def _heartbeat(self, sub: Subscription) -> bytes:
+        last = self.hub.journal.last_seq_of(sub.principal.tenants)
         msg = pb.SubscribeResponse(
-            cursor=pb.Cursor(boot_id=self.hub.boot_id, seq=position),
-            heartbeat=pb.Heartbeat(ts_ns=time.time_ns(), last_seq=self.hub.journal.last_seq),
+            cursor=self.hub.cursor(sub.cursor),
+            heartbeat=pb.Heartbeat(ts_ns=time.time_ns(), last_seq=max(last, sub.cursor)),
         )
         data: bytes = msg.SerializeToString()
         return data
 
     async def _replay(self, sub: Subscription) -> AsyncIterator[bytes]:
-        """From the journal: every retained alert after sub.position, up to its end."""
+        """From the journal: every retained alert after sub.position, up to its end, and a
+        `lost` for every seq it cannot deliver."""
         loop = asyncio.get_running_loop()
         journal = self.hub.journal
         while True:
             result = await loop.run_in_executor(
                 self._reader, journal.read_after, sub.position, REPLAY_CHUNK
             )
-            if result.first_seq > sub.position + 1:
-                yield self._lost(sub, result.first_seq)
-            for alert in result.alerts:
-                if alert.seq <= sub.position:
+            for record in result.records:
+                if record.seq <= sub.position:
                     continue
-                if alert.seq > sub.position + 1:  # never written: the journal's disk was full
-                    yield self._lost(sub, alert.seq)
-                sub.position = alert.seq
-                if sub.matcher(alert):
-                    yield self.hub.response(alert)
-            if not result.alerts or sub.position >= result.last_seq:
+                first = first_of(record)
+                if first > sub.position + 1:  # missing with no record saying why
+                    notice = self._lost(sub, Gap(sub.position + 1, first - 1, GapReason.UNKNOWN))
+                    if notice is not None:
+                        yield notice
+                if isinstance(record, Gap):
+                    notice = self._lost(sub, record)
+                    if notice is not None:
+                        yield notice
+                    continue
+                sub.position = record.seq
+                if sub.owns(record):
+                    sub.shown = record.seq
+                if sub.matcher(record):
+                    yield self.hub.response(record)
+            if not result.records or sub.position >= result.last_seq:
                 return
 
-    def _lost(self, sub: Subscription, first_available: int) -> bytes:
-        """An in-stream `lost` for the seqs between sub.position and `first_available`
-        (left retention, or never written); moves sub.position to just before it."""
-        missed = first_available - sub.position - 1
-        sub.position = first_available - 1
+    def _lost(self, sub: Subscription, gap: Gap) -> bytes | None:
+        """An in-stream `lost` for a gap after sub.position (None when a scoped subscriber
+        lost none of its tenants' alerts in it); moves sub.position past the gap."""
+        first = max(gap.first, sub.position + 1)
+        sub.position = gap.last
+        lost = pb.Lost(source="journal", reason=str(gap.reason))
+        if not sub.scoped:
+            lost.count = gap.last - first + 1
+            lost.first_seq, lost.last_seq, lost.first_available_seq = first, gap.last, gap.last + 1
+        elif gap.tenants is None:
+            lost.count_unknown = True
+        else:
+            own = [n for t, n in gap.tenants.items() if sub.principal.may_see(t)]
+            if UNKNOWN_COUNT in own:
+                lost.count_unknown = True
+            elif not sum(own):
+                return None
+            else:
+                lost.count = sum(own)
         data: bytes = pb.SubscribeResponse(
-            cursor=pb.Cursor(boot_id=self.hub.boot_id, seq=sub.position),
-            lost=pb.Lost(source="journal", count=missed, first_available_seq=first_available),
+            cursor=self.hub.cursor(sub.cursor), lost=lost
         ).SerializeToString()
         return data
 
@@ -356,7 +476,8 @@ class GrpcServer:
     def __init__(self, config: ServerConfig, journal: Journal, boot_id: str | None = None) -> None:
         self.config = config
         self.boot_id = boot_id or uuid.uuid4().hex
-        self.hub = Hub(journal, self.boot_id, config.queue_bound)
+        limits = QueueLimits(config.queue_bound, config.queue_bytes, config.token_queue_bytes)
+        self.hub = Hub(journal, self.boot_id, limits)
         self.address = config.address  # the bound address (the real port when :0)
         self._credentials = _credentials(config)
         if not is_local(config.address) and self._credentials is None:

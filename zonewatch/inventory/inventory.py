@@ -3,6 +3,8 @@
 A scan walks /proc once: every process is classified by its command line (cached per
 pid, start time and comm, so an exec or a reused pid is classified again), VMMs become
 zones, virtiofsd processes become helpers of the zone whose vhost-user socket they serve.
+A zone's vCPU threads are those named as vCPUs plus those the kvm probe saw run KVM_RUN
+(observe_vcpu_threads): VMMs that leave their threads unnamed (Kata's QEMU) have only these.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Inventory:
         self._zones: dict[str, Zone] = {}
         self._by_key: dict[int, Zone] = {}
         self._tombstones: dict[int, tuple[float, Zone]] = {}
+        self._observed_vcpus: dict[int, set[int]] = {}  # zone key -> tids seen in KVM_RUN
         self._next_key = 1
 
     @property
@@ -71,6 +74,23 @@ class Inventory:
         if zone is None and key in self._tombstones:
             zone = self._tombstones[key][1]
         return zone
+
+    def observe_vcpu_threads(self, threads: Mapping[int, int]) -> None:
+        """The threads seen running KVM_RUN now (tid -> zone key, from the kvm probe), in
+        place of the last ones: each joins its zone's vcpu_tids at the next refresh(), if
+        it is a live thread of the zone's VMM then. A thread that exited is gone from the
+        kernel's view and from the VMM's task list, so its tid, if reused, starts over."""
+        observed: dict[int, set[int]] = {}
+        for tid, key in threads.items():
+            observed.setdefault(key, set()).add(tid)
+        self._observed_vcpus = observed
+
+    def _vcpu_tids(self, zone_key: int | None, threads: Mapping[int, str]) -> tuple[int, ...]:
+        """A zone's vCPU threads among its VMM's live `threads` (tid -> comm): named as
+        vCPUs, or seen running KVM_RUN."""
+        named = {t for t, comm in threads.items() if VCPU_THREAD_PATTERN.match(comm)}
+        seen = self._observed_vcpus.get(zone_key, set()) if zone_key is not None else set()
+        return tuple(sorted(named | (seen & threads.keys())))
 
     def zone_pids(self) -> dict[int, int]:
         """Every process acting for a zone -> the zone's key: the kernel filter's content."""
@@ -115,13 +135,14 @@ class Inventory:
     def _zone_for(self, pid: int, start_time: int, spec: VmmSpec) -> Zone:
         zone_id = f"{spec.vmm}-{pid}-{start_time}"
         threads = procfs.thread_comms(self._proc, pid)
-        vcpus = tuple(sorted(t for t, comm in threads.items() if VCPU_THREAD_PATTERN.match(comm)))
+        existing = self._zones.get(zone_id)
+        vcpus = self._vcpu_tids(existing.key if existing else None, threads)
         taps = tuple(
             sorted({utf8_text(t) for t in (*procfs.tap_names(self._proc, pid), *spec.tap_names)})
         )
-        existing = self._zones.get(zone_id)
+        netns = procfs.net_ns(self._proc, pid)  # the taps' namespace (a Kata pod's own)
         if existing is not None:
-            return replace(existing, vcpu_tids=vcpus, taps=taps)
+            return replace(existing, vcpu_tids=vcpus, taps=taps, netns=netns)
         name = spec.name or f"{spec.vmm}-{pid}"
         zone = Zone(
             id=zone_id,
@@ -136,6 +157,7 @@ class Inventory:
             shares=tuple(self._guest_mounted(_utf8_share(s)) for s in spec.shares),
             disks=tuple(utf8_text(d) for d in spec.disks),
             labels=dict(spec.labels),
+            netns=netns,
         )
         self._next_key += 1
         return zone

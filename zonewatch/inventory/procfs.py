@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from zonewatch.model import NetNs
+
 TUN_DEVICE = "/dev/net/tun"
 
 
@@ -70,6 +72,15 @@ def thread_comms(proc: Path, pid: int) -> dict[int, str]:
 def fd_target(proc: Path, pid: int, fd: int) -> str | None:
     try:
         return os.fsdecode(os.readlink(os.fsencode(proc / str(pid) / "fd" / str(fd))))
+    except OSError:
+        return None
+
+
+def net_ns(proc: Path, pid: int) -> NetNs | None:
+    """The process's network namespace: its identity, and the path that enters it."""
+    path = proc / str(pid) / "ns" / "net"
+    try:
+        return NetNs(os.stat(path).st_ino, str(path))
     except OSError:
         return None
 

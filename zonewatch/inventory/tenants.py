@@ -26,17 +26,21 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, TypeGuard
+from typing import Final
 
-import yaml
-from yaml.composer import ComposerError
-from yaml.error import Mark
-from yaml.events import AliasEvent
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
-from yaml.reader import ReaderError
+from yaml.nodes import Node, ScalarNode
 
-from zonewatch.errors import ConfigError
 from zonewatch.model import DEFAULT_TENANT
+from zonewatch.yamlfile import (
+    MAX_FILE_BYTES,
+    MAX_TEXT,
+    STR,
+    NodeChecker,
+    compose,
+    is_map,
+    is_seq,
+    show,
+)
 
 __all__ = [
     "MAX_TENANTS_FILE_BYTES",
@@ -47,13 +51,7 @@ __all__ = [
 ]
 
 TENANT_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,63}")
-MAX_TENANTS_FILE_BYTES: Final = 4 * 1024 * 1024
-_MAX_TEXT: Final = 1024  # globs, label keys and values
-
-_STR: Final = "tag:yaml.org,2002:str"
-_INT: Final = "tag:yaml.org,2002:int"
-_MAP: Final = "tag:yaml.org,2002:map"
-_SEQ: Final = "tag:yaml.org,2002:seq"
+MAX_TENANTS_FILE_BYTES: Final = MAX_FILE_BYTES
 
 
 def _valid_tenant_name(name: str) -> bool:
@@ -134,152 +132,21 @@ class TenantMap:
 # --------------------------------------------------------------------------------------
 # Loading.
 # --------------------------------------------------------------------------------------
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader's composer, refusing aliases where they appear (an alias would share one
-    node between places, and the error would otherwise point at the anchor)."""
-
-    def compose_node(self, parent: Node | None, index: int) -> Node | None:
-        if self.check_event(AliasEvent):
-            event: AliasEvent = self.peek_event()  # type: ignore[no-untyped-call]
-            mark = event.start_mark if isinstance(event.start_mark, Mark) else None
-            raise ComposerError(None, None, "anchors and aliases are not supported here", mark)
-        return super().compose_node(parent, index)
-
-
 def load_tenants(path: str | Path) -> TenantMap:
     """Read and check a tenants file; ConfigError("PATH:LINE:COL", message) if malformed."""
     where = str(path)
-    text = _read_text(where, path)
-    try:
-        loader = _NoAliasLoader(text)
-    except ReaderError as exc:  # a character YAML does not allow
-        line, col = _line_col(text, exc.position)
-        raise ConfigError(f"{where}:{line}:{col}", f"not YAML: {exc.reason}") from exc
-    try:
-        root = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
-        message = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        raise ConfigError(f"{where}:{line}:{col}", f"not YAML: {message}") from exc
-    except ReaderError as exc:
-        line, col = _line_col(text, exc.position)
-        raise ConfigError(f"{where}:{line}:{col}", f"not YAML: {exc.reason}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}:1:1", f"not YAML: {exc}") from exc
-    except RecursionError as exc:
-        raise ConfigError(f"{where}:1:1", "not YAML we accept: nested too deeply") from exc
-    finally:
-        loader.dispose()
-    return _Checker(where).tenants(root)
+    return _Checker(where).tenants(compose(where, path, "tenants file"))
 
 
-def _read_text(where: str, path: str | Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TENANTS_FILE_BYTES + 1)
-    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"{where}:1:1", f"cannot read the tenants file: {reason}") from exc
-    if len(data) > MAX_TENANTS_FILE_BYTES:
-        raise ConfigError(
-            f"{where}:1:1", f"tenants file larger than {MAX_TENANTS_FILE_BYTES} bytes"
-        )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise ConfigError(f"{where}:{line}:{col}", "not UTF-8 text") from exc
-    return text.removeprefix("\ufeff")
-
-
-def _line_col(text: str, position: int) -> tuple[int, int]:
-    position = max(0, min(position, len(text)))
-    line = text.count("\n", 0, position) + 1
-    return line, position - (text.rfind("\n", 0, position) + 1) + 1
-
-
-def _is_map(node: Node | None) -> TypeGuard[MappingNode]:
-    """A plain mapping: no !!omap, !!set or application tag."""
-    return isinstance(node, MappingNode) and node.tag == _MAP
-
-
-def _is_seq(node: Node | None) -> TypeGuard[SequenceNode]:
-    return isinstance(node, SequenceNode) and node.tag == _SEQ
-
-
-def _show(text: str) -> str:
-    """A user's string, quoted and bounded, safe to print in one line."""
-    return repr(text if len(text) <= 60 else text[:60] + "...")
-
-
-class _Checker:
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def at(self, node: Node | None) -> str:
-        if node is None:
-            return f"{self.where}:1:1"
-        mark = node.start_mark
-        return f"{self.where}:{mark.line + 1}:{mark.column + 1}"
-
-    def error(self, node: Node | None, message: str) -> ConfigError:
-        return ConfigError(self.at(node), message)
-
-    def keys(
-        self, node: MappingNode, allowed: tuple[str, ...] | None, what: str
-    ) -> dict[str, tuple[ScalarNode, Node]]:
-        out: dict[str, tuple[ScalarNode, Node]] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, ScalarNode) or key_node.tag != _STR:
-                shown = _show(key_node.value) if isinstance(key_node, ScalarNode) else "this"
-                raise self.error(key_node, f"{what}: keys must be strings, not {shown} (quote it)")
-            key = key_node.value
-            if key in out:
-                raise self.error(key_node, f"{what}: duplicate key {_show(key)}")
-            if allowed is not None and key not in allowed:
-                raise self.error(
-                    key_node,
-                    f"{what}: unknown key {_show(key)} (expected {', '.join(allowed)})",
-                )
-            out[key] = (key_node, value_node)
-        return out
-
-    def string(self, node: Node, what: str) -> str:
-        if not isinstance(node, ScalarNode) or node.tag != _STR:
-            shown = f" {_show(node.value)}" if isinstance(node, ScalarNode) else ""
-            raise self.error(node, f"{what} must be a string, not{shown or ' a collection'}")
-        value: str = node.value
-        if not value:
-            raise self.error(node, f"{what} must not be empty")
-        if len(value) > _MAX_TEXT:
-            raise self.error(node, f"{what} is longer than {_MAX_TEXT} characters")
-        return value
-
+class _Checker(NodeChecker):
     def tenants(self, root: Node | None) -> TenantMap:
-        if root is None:
-            raise self.error(None, "empty tenants file: expected 'version: 1' and 'tenants:'")
-        if not _is_map(root):
-            raise self.error(root, "a tenants file is a mapping with 'version' and 'tenants'")
-        top = self.keys(root, ("version", "tenants"), "tenants file")
-        if "version" not in top:
-            raise self.error(root, "missing 'version' (this format is 'version: 1')")
-        version = top["version"][1]
-        if not (isinstance(version, ScalarNode) and version.tag == _INT and version.value == "1"):
-            shown = _show(version.value) if isinstance(version, ScalarNode) else "a collection"
-            raise self.error(version, f"unsupported version {shown}: expected 1")
-        if "tenants" not in top:
-            raise self.error(root, "missing 'tenants' (a list of tenant entries)")
-        entries = top["tenants"][1]
-        if not _is_seq(entries):
-            raise self.error(entries, "'tenants' must be a list of tenant entries")
+        entries = self.versioned_list(root, "tenants", "tenants file", "tenant entries")
         names: dict[str, Node] = {}
         rules = [self.entry(item, names) for item in entries.value]
         return TenantMap(rules)
 
     def entry(self, node: Node, names: dict[str, Node]) -> TenantRule:
-        if not _is_map(node):
+        if not is_map(node):
             raise self.error(node, "a tenant entry is a mapping with 'name' and 'zones'/'labels'")
         fields = self.keys(node, ("name", "zones", "labels"), "tenant entry")
         if "name" not in fields:
@@ -289,12 +156,12 @@ class _Checker:
         if not _valid_tenant_name(name):
             raise self.error(
                 name_node,
-                f"invalid tenant name {_show(name)}: 1-63 characters of A-Z a-z 0-9 . _ -",
+                f"invalid tenant name {show(name)}: 1-63 characters of A-Z a-z 0-9 . _ -",
             )
         if name in names:
             first = names[name].start_mark.line + 1
             raise self.error(
-                name_node, f"duplicate tenant name {_show(name)} (first at line {first})"
+                name_node, f"duplicate tenant name {show(name)} (first at line {first})"
             )
         names[name] = name_node
 
@@ -306,28 +173,28 @@ class _Checker:
             labels = self.labels(fields["labels"][1])
         if not zones and not labels:
             raise self.error(
-                node, f"tenant {_show(name)} has no 'zones' and no 'labels': it never matches"
+                node, f"tenant {show(name)} has no 'zones' and no 'labels': it never matches"
             )
         return TenantRule(name=name, zones=zones, labels=labels, where=self.at(node))
 
     def globs(self, node: Node) -> tuple[str, ...]:
-        if not _is_seq(node):
+        if not is_seq(node):
             raise self.error(node, "'zones' must be a list of zone-name globs")
         return tuple(self.string(item, "a zone glob") for item in node.value)
 
     def labels(self, node: Node) -> tuple[tuple[str, str], ...]:
-        if not _is_map(node):
+        if not is_map(node):
             raise self.error(node, "'labels' must be a mapping of label names to values")
         out: list[tuple[str, str]] = []
         for key, (key_node, value_node) in self.keys(node, None, "labels").items():
-            if not key or len(key) > _MAX_TEXT:
+            if not key or len(key) > MAX_TEXT:
                 raise self.error(key_node, "a label name must be 1-1024 characters")
-            if not isinstance(value_node, ScalarNode) or value_node.tag != _STR:
+            if not isinstance(value_node, ScalarNode) or value_node.tag != STR:
                 raise self.error(
-                    value_node, f"label {_show(key)}: the value must be a string (quote it)"
+                    value_node, f"label {show(key)}: the value must be a string (quote it)"
                 )
             value: str = value_node.value
-            if len(value) > _MAX_TEXT:
-                raise self.error(value_node, f"label {_show(key)}: value too long")
+            if len(value) > MAX_TEXT:
+                raise self.error(value_node, f"label {show(key)}: value too long")
             out.append((key, value))
         return tuple(out)

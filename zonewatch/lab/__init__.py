@@ -4,8 +4,9 @@ Modules (import the one you need; this package imports nothing on purpose, so th
 `python -m zonewatch.lab.assets` runs without loading netlink or QEMU code):
 
 - `zonewatch.lab.assets`: the guest kernel, modules and base busybox initramfs, built once.
-- `zonewatch.lab.taps`: the host side of each zone's network (a tap with a /30).
-- `zonewatch.lab.qemu`: `ZoneSpec` and `QemuZone`, one zone.
+- `zonewatch.lab.taps`: the host side of each plain zone's network (a tap with a /30).
+- `zonewatch.lab.kata`: the kata layout's pod network, sandbox folders, bundle, virtiofsd.
+- `zonewatch.lab.qemu`: `ZoneSpec` and `QemuZone`, one zone (plain or kata layout).
 - `zonewatch.lab.lab`: `Lab` (several zones at once) and `lab_up` / `lab_status` / `lab_down`.
-- `zonewatch.lab.cli`: `python -m zonewatch.lab up|status|down|tenants|assets`.
+- `zonewatch.lab.cli`: `python -m zonewatch.lab up|status|down|tenants|assets|run`.
 """

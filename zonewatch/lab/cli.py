@@ -1,4 +1,4 @@
-"""`python -m zonewatch.lab up|status|down|tenants|assets`: lab zones from the shell.
+"""`python -m zonewatch.lab up|status|down|tenants|assets|run`: lab zones from the shell.
 
 `configure_parser()` + `run()` let the main `zonewatch` command mount this as `lab`.
 """
@@ -13,9 +13,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from zonewatch.errors import ConfigError, ZonewatchError
-from zonewatch.lab.qemu import QemuZone, ZoneSpec
+from zonewatch.lab.state import LAYOUTS, Layout
+
+if TYPE_CHECKING:  # the main CLI builds its parser from here: no netlink or QEMU code yet
+    from zonewatch.lab.qemu import QemuZone, ZoneSpec
 
 DEFAULT_WORKLOAD = (
     'echo "hello from $ZW_NAME ($ZW_TENANT)" > "$ZW_SHARE/hello-$ZW_NAME.txt"\n'
@@ -32,9 +36,12 @@ def default_specs(
     taken_indexes: set[int] | None = None,
     poweroff_after: bool = False,
     memory_mb: int = 256,
+    layout: Layout = "plain",
 ) -> list[ZoneSpec]:
     """`count` zones named zone-a, zone-b, ... spread round-robin over `tenants`, on the
-    lowest free indexes."""
+    lowest free indexes, all of `layout`."""
+    from zonewatch.lab.qemu import ZoneSpec
+
     if count < 1:
         raise ConfigError("--zones", "must be at least 1")
     if not tenants:
@@ -57,6 +64,7 @@ def default_specs(
                 index=index,
                 poweroff_after=poweroff_after,
                 memory_mb=memory_mb,
+                layout=layout,
             )
         )
     return specs
@@ -87,7 +95,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     up.add_argument("--memory", type=int, default=256, help="MiB per zone (default 256)")
     up.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto")
     up.add_argument("--timeout", type=float, default=60.0, help="boot timeout in seconds")
-    sub.add_parser("status", help="list the lab's zones as JSON")
+    add_layout_option(up)
+    status = sub.add_parser("status", help="list the lab's zones")
+    add_json_option(status)
     sub.add_parser("down", help="stop every lab zone and remove taps and state")
     sub.add_parser("tenants", help="print the tenants file for the running zones")
     sub.add_parser("assets", help="build (once) and show the guest kernel and initramfs")
@@ -96,7 +106,36 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     one.add_argument("--name", default="zone-run")
     one.add_argument("--tenant", default="default")
     one.add_argument("--timeout", type=float, default=120.0)
+    add_layout_option(one)
     return parser
+
+
+def add_layout_option(parser: argparse.ArgumentParser) -> None:
+    """--layout, for `up` and `run` (here and in the main `zonewatch lab`)."""
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="plain",
+        help="plain: a tap and a 9p share; kata: laid out as a Kata pod (network namespace, "
+        "tap0_kata with mirred filters, virtiofsd, sandbox id, OCI bundle). Default plain",
+    )
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    """--json, for `status` (here and in the main `zonewatch lab`)."""
+    parser.add_argument("--json", action="store_true", help="every field, as JSON")
+
+
+def status_table(zones: list[dict[str, Any]]) -> str:
+    """`lab status` for a terminal: one line per zone, within 80 columns."""
+    lines = [f"{'NAME':<16} {'TENANT':<10} {'LAYOUT':<6} {'PID':>7} {'UP':<3} "
+             f"{'HOST LINK':<10} GUEST IP"]  # fmt: skip
+    for z in zones:
+        lines.append(
+            f"{z['name'][:16]:<16} {z['tenant'][:10]:<10} {z['layout']:<6} {z['pid']:>7} "
+            f"{'yes' if z['alive'] else 'no':<3} {z['host_link'][:10]:<10} {z['guest_ip']}"
+        )
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,11 +150,15 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(found.describe(), indent=2))
         return 0
     if command == "status":
-        print(json.dumps(lab.lab_status(state_dir), indent=2))
+        zones = lab.lab_status(state_dir)
+        if getattr(args, "json", False):
+            print(json.dumps(zones, indent=2))
+        else:
+            print(status_table(zones))
         return 0
     if command == "tenants":
         live = [r for r in read_records(state_dir) if r.alive()]
-        print(lab.tenants_yaml((r.name, r.tenant) for r in live), end="")
+        print(lab.tenants_yaml(lab.tenant_entries(live)), end="")
         return 0
     if command == "down":
         stopped = lab.lab_down(state_dir)
@@ -137,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         taken_indexes={r.index for r in live},
         poweroff_after=getattr(args, "poweroff", False),
         memory_mb=getattr(args, "memory", 256),
+        layout=getattr(args, "layout", "plain"),
     )
     zones = lab.lab_up(
         specs,
@@ -158,12 +202,18 @@ def _read_workload(path: str | Path) -> str:
 def _run_one(args: argparse.Namespace) -> int:
     """Boot one attached zone, stream its console until the workload ends, stop it."""
     from zonewatch.lab.lab import Lab
-    from zonewatch.lab.qemu import EXIT_PATTERN
+    from zonewatch.lab.qemu import EXIT_PATTERN, ZoneSpec
 
     workload = _read_workload(args.workload)
     timeout: float = getattr(args, "timeout", 120.0)
     with Lab(state_dir=getattr(args, "state_dir", None)) as lab:
-        spec = ZoneSpec(args.name, args.tenant, workload, index=lab.next_index())
+        spec = ZoneSpec(
+            args.name,
+            args.tenant,
+            workload,
+            index=lab.next_index(),
+            layout=getattr(args, "layout", "plain"),
+        )
         (zone,) = lab.start([spec], wait=False)
         rc = _stream_console(zone, EXIT_PATTERN, timeout)
     if rc != 0:

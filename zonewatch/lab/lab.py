@@ -26,14 +26,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from zonewatch.lab import taps
+from zonewatch.lab import kata, taps
 from zonewatch.lab.assets import READY_MARKER, GuestAssets, ensure_assets
 from zonewatch.lab.qemu import Accel, QemuZone, ZoneSpec
 from zonewatch.lab.state import (
     LabError,
+    ZoneRecord,
+    find_processes,
     kill_process,
-    proc_cmdline,
-    proc_start_time,
     read_records,
     state_root,
 )
@@ -63,6 +63,11 @@ def tenants_yaml(zones: Iterable[tuple[str, str]]) -> str:
             lines.append(f"  - name: {json.dumps(tenant)}")
             lines.append(f"    zones: [{', '.join(json.dumps(n) for n in names)}]")
     return "\n".join(lines) + "\n"
+
+
+def tenant_entries(records: Iterable[ZoneRecord]) -> list[tuple[str, str]]:
+    """(zone name, tenant) for every name each zone may be known by (see known_names)."""
+    return [(name, r.tenant) for r in records for name in r.known_names()]
 
 
 def wait_all_ready(
@@ -205,7 +210,7 @@ class Lab:
             raise first
 
     def tenants_yaml(self) -> str:
-        return tenants_yaml((z.name, z.tenant) for z in self._zones.values())
+        return tenants_yaml(tenant_entries(z.record for z in self._zones.values()))
 
     def write_tenants(self, path: Path) -> Path:
         path.write_text(self.tenants_yaml())
@@ -231,7 +236,7 @@ def _write_tenants_file(root: Path) -> None:
     path = root / TENANTS_FILE
     if records:
         tmp = path.with_name(f".{TENANTS_FILE}.{os.getpid()}")
-        tmp.write_text(tenants_yaml((r.name, r.tenant) for r in records))
+        tmp.write_text(tenants_yaml(tenant_entries(records)))
         tmp.replace(path)
     else:
         with contextlib.suppress(FileNotFoundError):
@@ -259,33 +264,44 @@ def lab_up(
 
 
 def lab_status(state_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Every recorded zone: name, tenant, index, pid, alive, tap, host_ip, guest_ip, share,
-    console."""
+    """Every recorded zone: name, tenant, index, pid, alive, layout, tap, host_link, host_ip,
+    guest_ip, share, console; a kata zone's also sandbox_id, netns, netns_path, pod_ip,
+    bundle, qmp, virtiofsd_pids (see ZoneRecord.status)."""
     return [r.status() for r in read_records(state_dir)]
 
 
 def _orphan_qemus(root: Path) -> list[tuple[int, int]]:
     """(pid, start time) of QEMU processes that belong to the lab but may lack a record:
-    their command line names the state root or a lab tap."""
-    found = []
+    their command line names the state root (a kata zone's too: its initrd and console
+    are there) or a lab tap."""
     marker_dir = str(root) + "/"
     marker_tap = f"ifname={taps.TAP_PREFIX}"
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        argv = proc_cmdline(int(entry.name))
-        if not argv or not Path(argv[0]).name.startswith("qemu-system"):
-            continue
-        if any(marker_dir in a or marker_tap in a for a in argv[1:]):
-            start = proc_start_time(int(entry.name))
-            if start is not None:
-                found.append((int(entry.name), start))
-    return found
+
+    def is_lab_qemu(argv: list[str]) -> bool:
+        return Path(argv[0]).name.startswith("qemu-system") and any(
+            marker_dir in a or marker_tap in a for a in argv[1:]
+        )
+
+    return find_processes(is_lab_qemu)
+
+
+def _lab_sandboxes(root: Path) -> tuple[list[kata.Sandbox], list[str]]:
+    """The kata sandboxes this lab made: recorded in its zone folders, and (by id only)
+    those whose bundle carries the lab's annotation for this state root."""
+    recorded = []
+    if root.is_dir():
+        for zone_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            sandbox = kata.read_sandbox_file(zone_dir)
+            if sandbox is not None:
+                recorded.append(sandbox)
+    known = {s.sandbox_id for s in recorded}
+    return recorded, [i for i in kata.bundles_of(root) if i not in known]
 
 
 def lab_down(state_dir: Path | None = None) -> int:
-    """Stop every lab zone (recorded, or left by a killed run), delete leftover zwtap*
-    taps and the state. Idempotent; returns the number of QEMU processes stopped."""
+    """Stop every lab zone (recorded, or left by a killed run) and remove what it made:
+    zwtap* taps; a kata zone's virtiofsd, zw-kata-* namespaces, zwkata* veths and sandbox
+    folders; the state. Idempotent; returns the number of QEMU processes stopped."""
     root = state_root(state_dir)
     stopped = 0
     for record in read_records(root):
@@ -295,6 +311,12 @@ def lab_down(state_dir: Path | None = None) -> int:
         if kill_process(pid, start):
             stopped += 1
     taps.delete_taps(taps.TAP_PREFIX)
+    recorded, by_id = _lab_sandboxes(root)
+    for sandbox in recorded:
+        kata.remove_sandbox(sandbox)
+    kata.remove_sandboxes_by_id(by_id)
+    kata.delete_lab_networks()
+    kata.remove_empty_roots()
     if root.is_dir():
         for child in root.iterdir():
             if child.is_dir() and not child.is_symlink():

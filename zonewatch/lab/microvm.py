@@ -19,7 +19,9 @@ file-channel records (3 per file: open, first write, close).
     python -m zonewatch.lab.microvm --name demo --rate 2000 --stats /tmp/demo.json
 
 How others find it: the command line contains "zonewatch.lab.microvm", the main thread's
-comm is "zw-microvm" and the thread that calls KVM_RUN is named "zw-vcpu0".
+comm is "zw-microvm" and the thread that calls KVM_RUN is named "zw-vcpu0". With
+`--unnamed-threads` the vCPU thread keeps the process comm too, as QEMU's threads do
+without `debug-threads=on` (Kata's): only what the thread does (KVM_RUN) tells it apart.
 
 Deliberately absent: `vmcall` (it spins in real mode under the nested PVM of our test
 machines) and any third-party package (fcntl.ioctl + mmap + ctypes only).
@@ -350,6 +352,7 @@ class MicroVmConfig:
     file_dir: Path | None = None  # the toy file backend's folder (see the module doc)
     file_ops: int = 1  # files the backend writes per port write
     sweep: bool = False  # each write to the next port / MMIO page (see assemble_guest)
+    unnamed_threads: bool = False  # the vCPU thread keeps the process comm (Kata's QEMU)
 
     def validate(self) -> None:
         if not self.name:
@@ -578,11 +581,13 @@ class MicroVm:
     def run_vcpu(self, stop: threading.Event, vcpu_index: int = 0) -> None:
         """KVM_RUN until `stop` is set or the guest dies; call it in the vCPU thread.
 
-        Names the calling thread, blocks SIGTERM/SIGINT in it (they belong to the main
-        thread; KVM_RUN then never sees them) and records a fatal problem in `error`.
+        Names the calling thread (unless config.unnamed_threads), blocks SIGTERM/SIGINT in
+        it (they belong to the main thread; KVM_RUN then never sees them) and records a
+        fatal problem in `error`.
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-        set_comm(VCPU_COMM_FORMAT.format(index=vcpu_index))
+        if not self.config.unnamed_threads:
+            set_comm(VCPU_COMM_FORMAT.format(index=vcpu_index))
         self.vcpu_tid = threading.get_native_id()
         try:
             self._loop(stop)
@@ -813,6 +818,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="each port write to the next port, each MMIO write to the next page",
     )
     p.add_argument(
+        "--unnamed-threads",
+        action="store_true",
+        help=f"leave the vCPU thread named {PROCESS_COMM!r}, as Kata's QEMU leaves its threads",
+    )
+    p.add_argument(
         "--parent-pid",
         type=int,
         default=None,
@@ -841,6 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file_dir=args.file_dir,
             file_ops=args.file_ops,
             sweep=args.sweep,
+            unnamed_threads=args.unnamed_threads,
         )
         return serve(config)
     except ZonewatchError as exc:
@@ -873,6 +884,7 @@ class MicroVmProcess:
         file_dir: Path | None = None,
         file_ops: int = 1,
         sweep: bool = False,
+        unnamed_threads: bool = False,
         python: str = sys.executable,
     ) -> None:
         self.config = MicroVmConfig(
@@ -888,6 +900,7 @@ class MicroVmProcess:
             file_dir=file_dir,
             file_ops=file_ops,
             sweep=sweep,
+            unnamed_threads=unnamed_threads,
         )
         self.config.validate()
         self.python = python
@@ -916,6 +929,7 @@ class MicroVmProcess:
             *(("--file-dir", str(c.file_dir), "--file-ops", str(c.file_ops))
               if c.file_dir is not None else ()),
             *(("--sweep",) if c.sweep else ()),
+            *(("--unnamed-threads",) if c.unnamed_threads else ()),
         ]  # fmt: skip
 
     @property

@@ -1,13 +1,21 @@
-"""One lab zone: a QEMU guest (TCG here) with a tap and a 9p share, watched through its console.
+"""One lab zone: a QEMU guest (TCG here) with a tap and a share, watched through its console.
 
     spec = ZoneSpec("zone-a", "acme", "echo hi > /mnt/share/hi", index=0)
     with QemuZone(spec) as zone:          # start(): boots in the background
         zone.wait_ready(30)
         zone.wait_for_console(r"ZW-WORKLOAD-EXIT (\\d+)", 30)
 
+Two layouts (`ZoneSpec.layout`):
+
+- "plain": tap zwtap<index> in the host namespace, a 9p share, `-name <name>,debug-threads=on`;
+- "kata": laid out as Kata Containers' runtime lays out a pod (see kata.py): QEMU inside the
+  pod's network namespace on tap0_kata, `-name sandbox-<id>`, a virtiofs share served by
+  virtiofsd, the sandbox's OCI bundle with the CRI annotations.
+
 The guest runs `/workload.sh` once, after eth0 (ZW_GUEST_IP/30) and /mnt/share are up,
 prints `ZW-WORKLOAD-EXIT <rc>`, then stays up (or powers off with `poweroff_after`).
-The workload sees ZW_NAME, ZW_TENANT, ZW_INDEX, ZW_HOST_IP, ZW_GUEST_IP, ZW_SHARE.
+The workload sees ZW_NAME, ZW_TENANT, ZW_INDEX, ZW_HOST_IP, ZW_GUEST_IP, ZW_SHARE, on
+either layout.
 
 An attached zone (the default) dies with the thread that started it (PR_SET_PDEATHSIG):
 start zones from a thread that outlives them, such as the main thread. A detached zone
@@ -24,13 +32,14 @@ import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
 from zonewatch.errors import ConfigError, EnvironmentProblem
-from zonewatch.lab import taps
+from zonewatch.lab import kata, taps
 from zonewatch.lab.assets import (
     ERROR_MARKER,
     EXIT_MARKER,
@@ -42,7 +51,9 @@ from zonewatch.lab.assets import (
     zone_archive,
 )
 from zonewatch.lab.state import (
+    LAYOUTS,
     LabError,
+    Layout,
     ZoneRecord,
     kill_process,
     pdeathsig_preexec,
@@ -51,6 +62,7 @@ from zonewatch.lab.state import (
     read_records,
     reap,
     state_root,
+    virtiofsd_processes,
     write_record,
 )
 
@@ -69,14 +81,17 @@ class ZoneSpec:
     name: str
     tenant: str
     workload: str
-    index: int  # picks the tap zwtap<index> and the /30 10.213.<index>.0
+    index: int  # plain: tap zwtap<index>, 10.213.<index>.0/30; kata: see kata.pod_addressing
     poweroff_after: bool = False
     memory_mb: int = 256
+    layout: Layout = "plain"
 
     def __post_init__(self) -> None:
         for what, value in (("zone name", self.name), ("tenant", self.tenant)):
             if not _NAME_RE.match(value):
                 raise ConfigError(what, f"{value!r} must be 1-63 of [A-Za-z0-9_.-]")
+        if self.layout not in LAYOUTS:
+            raise ConfigError("layout", f"{self.layout!r} is not one of {', '.join(LAYOUTS)}")
         taps.addressing(self.index)  # validates the range
         if not 64 <= self.memory_mb <= 16384:
             raise ConfigError("memory_mb", f"{self.memory_mb} is outside 64..16384")
@@ -109,9 +124,25 @@ def _opt(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
+def remove_kata_leftovers(zone_dir: Path) -> None:
+    """What the kata zone recorded in `zone_dir` left (virtiofsd, network, folders), if it
+    was one."""
+    sandbox = kata.read_sandbox_file(zone_dir)
+    if sandbox is not None:
+        kata.remove_sandbox(sandbox)
+
+
+def zone_addressing(spec: ZoneSpec) -> taps.TapAddressing | kata.PodAddressing:
+    """The zone's names and addresses on its layout."""
+    if spec.layout == "kata":
+        return kata.pod_addressing(spec.index)
+    return taps.addressing(spec.index)
+
+
 def zone_env(spec: ZoneSpec) -> str:
     """The guest's /zone.env (sourced by /init; exported so the workload sees it)."""
-    net = taps.addressing(spec.index)
+    net = zone_addressing(spec)
+    kata_layout = spec.layout == "kata"
     values = {
         "ZW_NAME": spec.name,
         "ZW_TENANT": spec.tenant,
@@ -120,6 +151,8 @@ def zone_env(spec: ZoneSpec) -> str:
         "ZW_HOST_IP": net.host_ip,
         "ZW_PREFIX": str(net.prefixlen),
         "ZW_SHARE": GUEST_SHARE,
+        "ZW_SHARE_FS": "virtiofs" if kata_layout else "9p",
+        "ZW_SHARE_TAG": kata.SHARE_TAG if kata_layout else SHARE_TAG,
         "ZW_POWEROFF": "1" if spec.poweroff_after else "0",
     }
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
@@ -135,8 +168,10 @@ class QemuZone:
         "_proc",
         "_record",
         "_root",
+        "_sandbox",
         "_started_at",
         "_stopped",
+        "_virtiofsd",
         "detach",
         "spec",
     )
@@ -155,7 +190,11 @@ class QemuZone:
         self._assets = assets
         self._root = state_root(state_dir)
         self._accel = resolve_accel(accel)
-        self._net = taps.addressing(spec.index)
+        self._net = zone_addressing(spec)
+        self._sandbox = (
+            kata.Sandbox.new(spec.name, spec.tenant, spec.index) if spec.layout == "kata" else None
+        )
+        self._virtiofsd: subprocess.Popen[bytes] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._record: ZoneRecord | None = None
         self._started_at = 0.0
@@ -176,7 +215,14 @@ class QemuZone:
         return self._root / self.spec.name
 
     @property
+    def layout(self) -> Layout:
+        return self.spec.layout
+
+    @property
     def share_dir(self) -> Path:
+        """The host folder the guest mounts at /mnt/share (kata: the one virtiofsd serves)."""
+        if self._sandbox is not None:
+            return self._sandbox.share_dir
         return self.zone_dir / "share"
 
     @property
@@ -193,6 +239,15 @@ class QemuZone:
 
     @property
     def tap(self) -> str:
+        """The tap QEMU uses: zwtap<index> (plain, host namespace), tap0_kata (kata, the
+        pod's namespace)."""
+        return self._net.tap
+
+    @property
+    def host_link(self) -> str:
+        """The host namespace's end of the zone's network: the tap (plain), the veth (kata)."""
+        if isinstance(self._net, kata.PodAddressing):
+            return self._net.host_link
         return self._net.tap
 
     @property
@@ -201,7 +256,44 @@ class QemuZone:
 
     @property
     def guest_ip(self) -> str:
+        """The guest's address (kata: the pod IP, eth0's in the pod's namespace)."""
         return self._net.guest_ip
+
+    # --- a kata zone's sandbox (LabError on a plain zone) ------------------------------------
+
+    @property
+    def sandbox(self) -> kata.Sandbox:
+        if self._sandbox is None:
+            raise LabError(self.name, "is not a kata zone")
+        return self._sandbox
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.sandbox.sandbox_id
+
+    @property
+    def netns(self) -> str:
+        """The pod's network namespace, by its `ip netns` name."""
+        return self.sandbox.net.netns
+
+    @property
+    def netns_path(self) -> Path:
+        return Path(self.sandbox.net.netns_path)
+
+    @property
+    def bundle_config(self) -> Path:
+        """The sandbox's OCI config.json, where containerd keeps it."""
+        return self.sandbox.config_path
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.sandbox.qmp_socket
+
+    @property
+    def virtiofsd_pids(self) -> list[int]:
+        """The virtiofsd processes serving the share now: the one started, and the one it
+        forked into its own namespaces once QEMU connected."""
+        return [pid for pid, _ in virtiofsd_processes(str(self.sandbox.share_dir))]
 
     @property
     def accel(self) -> str:
@@ -237,9 +329,12 @@ class QemuZone:
     def command(self, assets: GuestAssets) -> list[str]:
         """The QEMU command line for this zone."""
         spec = self.spec
+        guest_name = f"{_opt(spec.name)},debug-threads=on"
+        if self._sandbox is not None:
+            guest_name = f"sandbox-{self._sandbox.sandbox_id}"  # threads keep QEMU's name
         argv = [
             qemu_binary(),
-            "-name", f"{_opt(spec.name)},debug-threads=on",
+            "-name", guest_name,
             "-accel", self._accel,
             "-m", str(spec.memory_mb),
             "-smp", "1",
@@ -251,14 +346,32 @@ class QemuZone:
             "-kernel", str(assets.kernel),
             "-initrd", str(self.initrd_path),
             "-append", KERNEL_APPEND,
-            "-netdev", f"tap,id=net0,ifname={self.tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=net0,mac={self._net.mac}",
-            "-fsdev", f"local,id=fs0,path={_opt(self.share_dir)},security_model=mapped-xattr",
-            "-device", f"virtio-9p-pci,fsdev=fs0,mount_tag={SHARE_TAG}",
+            *self._device_args(),
         ]  # fmt: skip
         if self._accel == "kvm":
             argv[5:5] = ["-cpu", "host"]
         return argv
+
+    def _device_args(self) -> list[str]:
+        """Network and share: a tap and 9p (plain); as Kata: QMP, shared guest memory for
+        vhost-user, tap0_kata and virtiofs (kata)."""
+        sandbox = self._sandbox
+        if sandbox is None:
+            return [
+                "-netdev", f"tap,id=net0,ifname={self.tap},script=no,downscript=no",
+                "-device", f"virtio-net-pci,netdev=net0,mac={self._net.mac}",
+                "-fsdev", f"local,id=fs0,path={_opt(self.share_dir)},security_model=mapped-xattr",
+                "-device", f"virtio-9p-pci,fsdev=fs0,mount_tag={SHARE_TAG}",
+            ]  # fmt: skip
+        return [
+            "-qmp", f"unix:{_opt(sandbox.qmp_socket)},server=on,wait=off",
+            "-object", f"memory-backend-memfd,id=mem,size={self.spec.memory_mb}M,share=on",
+            "-numa", "node,memdev=mem",
+            "-netdev", f"tap,id=network-0,ifname={kata.KATA_TAP},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=network-0,mac={self._net.mac}",
+            "-chardev", f"socket,id=char-virtiofs,path={_opt(sandbox.virtiofsd_socket)}",
+            "-device", f"vhost-user-fs-pci,chardev=char-virtiofs,tag={kata.SHARE_TAG}",
+        ]  # fmt: skip
 
     def start(self) -> QemuZone:
         """Spawn QEMU and return at once; `wait_ready()` waits for the boot."""
@@ -266,12 +379,17 @@ class QemuZone:
             raise LabError(self.name, "zone already started")
         if os.geteuid() != 0:
             raise EnvironmentProblem("lab", "zones need root (taps, QEMU on /dev/net/tun)")
-        qemu_binary()  # fail before touching anything if QEMU is missing
+        qemu_binary()  # fail before touching anything if QEMU (or virtiofsd) is missing
+        if self._sandbox is not None:
+            kata.virtiofsd_binary()
         assets = self._assets or ensure_assets()
         self._clear_stale()
         try:
             self.zone_dir.mkdir(parents=True)
-            self.share_dir.mkdir()
+            if self._sandbox is None:
+                self.share_dir.mkdir()
+            else:
+                self._make_sandbox(self._sandbox)
             zone_cpio = zone_archive(
                 {
                     "zone.env": (zone_env(self.spec).encode(), 0o644),
@@ -282,7 +400,8 @@ class QemuZone:
                 with assets.initrd.open("rb") as base:
                     shutil.copyfileobj(base, out)
                 out.write(zone_cpio)
-            taps.create_tap(self.tap, self.host_ip, self._net.prefixlen)
+            if self._sandbox is None:
+                taps.create_tap(self.tap, self.host_ip, self._net.prefixlen)
             pid = self._spawn(self.command(assets))
             start_time = proc_start_time(pid)
             if start_time is None:
@@ -302,6 +421,9 @@ class QemuZone:
                 console=str(self.console_path),
                 zone_dir=str(self.zone_dir),
                 detached=self.detach,
+                layout=self.layout,
+                host_link=self.host_link,
+                **self._sandbox_record_fields(),
             )
             write_record(self._record)
         except BaseException:
@@ -309,8 +431,37 @@ class QemuZone:
             raise
         return self
 
+    def _make_sandbox(self, sandbox: kata.Sandbox) -> None:
+        """A kata zone's host side, recorded first (so that whatever a killed run made is
+        found again): the pod network, the sandbox's folders, its bundle, virtiofsd."""
+        kata.write_sandbox_file(sandbox, self.zone_dir)
+        kata.create_pod_network(sandbox.net)
+        kata.make_sandbox_dirs(sandbox)
+        kata.write_bundle(sandbox, self._root)
+        self._virtiofsd = kata.spawn_virtiofsd(
+            sandbox, self.zone_dir / "virtiofsd.log", detach=self.detach
+        )
+
+    def _sandbox_record_fields(self) -> dict[str, str]:
+        sandbox = self._sandbox
+        if sandbox is None:
+            return {}
+        return {
+            "sandbox_id": sandbox.sandbox_id,
+            "netns": sandbox.net.netns,
+            "bundle": str(sandbox.config_path),
+            "qmp": str(sandbox.qmp_socket),
+        }
+
     def _spawn(self, argv: list[str]) -> int:
-        """Start QEMU; returns its pid. Attached: our child, killed with the spawning thread.
+        """Start QEMU (a kata zone's inside its pod's network namespace); returns its pid."""
+        if self._sandbox is None:
+            return self._spawn_qemu(argv, None if self.detach else pdeathsig_preexec())
+        with kata.netns_preexec(self.netns, die_with_parent=not self.detach) as enter_netns:
+            return self._spawn_qemu(argv, enter_netns)
+
+    def _spawn_qemu(self, argv: list[str], preexec: Callable[[], None] | None) -> int:
+        """Attached: QEMU is our child, killed with the spawning thread (`preexec` says so).
         Detached: QEMU daemonizes itself (own session, reparented to init), so the starting
         process may exit and leaves no child behind."""
         with self.qemu_log_path.open("wb") as log:
@@ -318,7 +469,7 @@ class QemuZone:
             if not self.detach:
                 self._proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                    preexec_fn=pdeathsig_preexec(),  # noqa: PLW1509
+                    preexec_fn=preexec,  # noqa: PLW1509
                 )  # fmt: skip
                 return self._proc.pid
             pidfile = self.zone_dir / "qemu.pid"
@@ -326,7 +477,7 @@ class QemuZone:
                 rc = subprocess.run(
                     [*argv, "-daemonize", "-pidfile", str(pidfile)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                    timeout=60, check=False,
+                    timeout=60, check=False, preexec_fn=preexec,
                 ).returncode  # fmt: skip
             except subprocess.TimeoutExpired as exc:
                 raise LabError(self.name, "QEMU did not daemonize within 60 s") from exc
@@ -346,10 +497,14 @@ class QemuZone:
                 what = "name" if record.name == self.name else f"index {record.index}"
                 raise LabError(self.name, f"a running lab zone ({record.name}) has this {what}")
             reap(record.pid)
+            remove_kata_leftovers(Path(record.zone_dir))
             shutil.rmtree(record.zone_dir, ignore_errors=True)
         if self.zone_dir.exists():
+            remove_kata_leftovers(self.zone_dir)
             shutil.rmtree(self.zone_dir)
-        if taps.tap_exists(self.tap):
+        if isinstance(self._net, kata.PodAddressing):
+            kata.delete_pod_network(self._net)
+        elif taps.tap_exists(self.tap):
             taps.delete_tap(self.tap)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -371,9 +526,16 @@ class QemuZone:
                     proc.wait()
         elif record is not None:
             kill_process(record.pid, record.start_time, timeout)
-        with contextlib.suppress(LabError):
-            taps.delete_tap(self.tap)
-        shutil.rmtree(self.zone_dir, ignore_errors=True)
+        try:
+            if self._sandbox is not None:
+                kata.remove_sandbox(self._sandbox)  # virtiofsd lingers after QEMU: stopped
+            else:
+                with contextlib.suppress(LabError):
+                    taps.delete_tap(self.tap)
+        finally:
+            if self._virtiofsd is not None:
+                self._virtiofsd.poll()  # reaped by remove_sandbox; no zombie either way
+            shutil.rmtree(self.zone_dir, ignore_errors=True)
 
     def __enter__(self) -> QemuZone:
         if self._record is None:

@@ -3,10 +3,13 @@
 Layout under the state root (`/run/zonewatch/lab`, or `$ZONEWATCH_LAB_STATE`)::
 
     <root>/<zone name>/zone.json     the record below, written once QEMU runs
-    <root>/<zone name>/share/        the host folder the guest mounts at /mnt/share
+    <root>/<zone name>/share/        the host folder the guest mounts at /mnt/share (plain)
     <root>/<zone name>/console.log   the guest's serial console
     <root>/<zone name>/qemu.log      QEMU's own stderr
     <root>/<zone name>/initrd.img    base initramfs + the zone's own small cpio
+    <root>/<zone name>/sandbox.json  a kata zone's sandbox (see kata.py), written before
+                                     anything of it is made, so a killed run is cleaned up
+    <root>/<zone name>/virtiofsd.log a kata zone's virtiofsd output
 
 A record names the QEMU pid together with its start time (/proc/PID/stat field 22), so a
 recycled pid is never taken for the zone's QEMU.
@@ -23,13 +26,18 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from zonewatch.errors import ZonewatchError
 
+# How a zone is laid out on the host (see qemu.py): a plain QEMU zone, or a Kata pod's.
+Layout = Literal["plain", "kata"]
+LAYOUTS: tuple[Layout, ...] = ("plain", "kata")
 DEFAULT_STATE = Path("/run/zonewatch/lab")
 STATE_ENV = "ZONEWATCH_LAB_STATE"
 RECORD_NAME = "zone.json"
+NETNS_DIR = "/run/netns"  # where `ip netns add` mounts a named network namespace
+VIRTIOFSD_NAME = "virtiofsd"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -61,6 +69,12 @@ class ZoneRecord:
     console: str
     zone_dir: str
     detached: bool
+    layout: Layout = "plain"
+    host_link: str = ""  # the host namespace's end: the tap (plain), the veth (kata)
+    sandbox_id: str = ""  # kata: the sandbox id (QEMU's -name sandbox-<id>)
+    netns: str = ""  # kata: the pod's network namespace (ip netns name)
+    bundle: str = ""  # kata: the sandbox's OCI bundle config.json
+    qmp: str = ""  # kata: QEMU's QMP socket
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,25 +94,50 @@ class ZoneRecord:
             console=str(data["console"]),
             zone_dir=str(data["zone_dir"]),
             detached=bool(data["detached"]),
+            layout="kata" if data.get("layout") == "kata" else "plain",
+            host_link=str(data.get("host_link", data["tap"])),
+            sandbox_id=str(data.get("sandbox_id", "")),
+            netns=str(data.get("netns", "")),
+            bundle=str(data.get("bundle", "")),
+            qmp=str(data.get("qmp", "")),
         )
 
     def alive(self) -> bool:
         return pid_alive(self.pid, self.start_time)
 
+    def known_names(self) -> tuple[str, ...]:
+        """The names the agent may know the zone by: its lab name and, for a kata zone, its
+        sandbox id (what Kata's QEMU command line names it by). The tenants file has both."""
+        return (self.name, self.sandbox_id) if self.sandbox_id else (self.name,)
+
     def status(self) -> dict[str, Any]:
-        """The shape `lab status` prints for a zone."""
-        return {
+        """The shape `lab status` prints for a zone; a kata zone adds its sandbox's places
+        and the pids of its virtiofsd processes (found now)."""
+        status: dict[str, Any] = {
             "name": self.name,
             "tenant": self.tenant,
             "index": self.index,
             "pid": self.pid,
             "alive": self.alive(),
+            "layout": self.layout,
             "tap": self.tap,
+            "host_link": self.host_link,
             "host_ip": self.host_ip,
             "guest_ip": self.guest_ip,
             "share": self.share,
             "console": self.console,
         }
+        if self.layout == "kata":
+            status |= {
+                "sandbox_id": self.sandbox_id,
+                "netns": self.netns,
+                "netns_path": f"{NETNS_DIR}/{self.netns}",
+                "pod_ip": self.guest_ip,
+                "bundle": self.bundle,
+                "qmp": self.qmp,
+                "virtiofsd_pids": [pid for pid, _ in virtiofsd_processes(self.share)],
+            }
+        return status
 
 
 def write_record(record: ZoneRecord) -> Path:
@@ -152,6 +191,28 @@ def proc_cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
+def find_processes(match: Callable[[list[str]], bool]) -> list[tuple[int, int]]:
+    """(pid, start time) of the live processes whose command line `match`es, by pid."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        argv = proc_cmdline(pid)
+        if argv and match(argv):
+            start = proc_start_time(pid)
+            if start is not None:
+                found.append((pid, start))
+    return sorted(found)
+
+
+def virtiofsd_processes(share: str) -> list[tuple[int, int]]:
+    """(pid, start time) of the virtiofsd processes serving `share`: the one started and
+    the one it forks into its own namespaces."""
+    source = f"source={share}"
+    return find_processes(lambda argv: Path(argv[0]).name == VIRTIOFSD_NAME and source in argv)
+
+
 def reap(pid: int) -> None:
     """Collect the exit status if `pid` is our child (no zombie left); harmless otherwise."""
     with contextlib.suppress(ChildProcessError, OSError):
@@ -180,12 +241,17 @@ def kill_process(pid: int, start_time: int, term_timeout: float = 3.0) -> bool:
 _LIBC: ctypes.CDLL | None = None
 
 
-def pdeathsig_preexec() -> Callable[[], None]:
-    """A preexec_fn that makes the child get SIGKILL when the spawning thread dies."""
-    global _LIBC  # noqa: PLW0603  # loaded once, in the parent: no dlopen after fork
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once (call it in the parent: no dlopen after fork)."""
+    global _LIBC  # noqa: PLW0603
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)
-    prctl = _LIBC.prctl
+    return _LIBC
+
+
+def pdeathsig_preexec() -> Callable[[], None]:
+    """A preexec_fn that makes the child get SIGKILL when the spawning thread dies."""
+    prctl = libc().prctl
     parent = os.getpid()
 
     def apply() -> None:

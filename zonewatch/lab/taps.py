@@ -90,6 +90,12 @@ def check_addresses_free(name: str, host_ip: str, prefixlen: int = ZONE_PREFIXLE
                 )
 
 
+def disable_ipv6(name: str) -> None:
+    """Switch IPv6 off on host interface `name` (no solicitations or DAD towards a guest)."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1\n")
+
+
 def create_tap(name: str, host_ip: str, prefixlen: int = ZONE_PREFIXLEN) -> int:
     """Create persistent tap `name` (mode tap), give it `host_ip/prefixlen`, bring it up.
 
@@ -109,8 +115,7 @@ def create_tap(name: str, host_ip: str, prefixlen: int = ZONE_PREFIXLEN) -> int:
         if index is None:
             raise LabError(name, "tap vanished right after creation")
         try:
-            with contextlib.suppress(OSError):
-                Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1\n")
+            disable_ipv6(name)
             ipr.addr("add", index=index, address=host_ip, prefixlen=prefixlen)
             ipr.link("set", index=index, state="up")
         except (NetlinkError, OSError) as exc:

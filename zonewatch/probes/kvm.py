@@ -177,6 +177,19 @@ class KvmProbe:
         self._leaving.follow(self._zone_keys, keys)
         self._zone_keys = keys
 
+    def vcpu_threads(self) -> dict[int, int]:
+        """Threads seen running KVM_RUN for a zone (tid -> zone key): every thread with a
+        state in `vcpus`, which a zone thread gets at its first exit. The kernel drops a
+        thread's state as it exits, so a dead thread leaves and a reused tid starts over.
+        Named or not: this is how a zone whose threads have no names (Kata's QEMU) shows
+        its vCPUs. States of zones that already left the inventory are skipped."""
+        assert self._bpf is not None, "attach() first"
+        return {
+            tid if isinstance(tid, int) else int(tid.value): int(st.zone_key)
+            for tid, st in self._maps.items(self._bpf[b"vcpus"])
+            if st.zone_key in self._zone_keys
+        }
+
     def ring_fds(self) -> list[int]:
         return [self._reader.fd] if self._reader else []
 

@@ -1,42 +1,44 @@
-"""The net channel's probe: bpf/net.c as tc clsact programs on every zone's tap.
+"""The net channel's probe: bpf/net.c as tc programs on every zone's tap.
 
 The programs count each zone's frames and keep a flow table in the kernel; the ring buffer
 carries only new flows, TCP ends (FIN both ways, RST) and DNS queries. User space:
-- keeps one pair of tc filters (ingress: the zone's sends, egress: what it is sent) on
-  each tap the inventory names, and a map tap ifindex -> zone key the programs attribute by;
+- keeps our tc filters (probes/tc.py says where) on each tap the inventory names, in the
+  network namespace the tap lives in (a Kata pod's own: probes/netns.py), and a map
+  (namespace, ifindex) -> zone the programs attribute by; the programs attached in a
+  namespace are an instance of their own, its inode number patched in (bpf/net.c);
+- says which zone's traffic it cannot see, and why (blind_spots());
 - ends flows idle for `idle_timeout_s` (flow_end records made here, `idle` set);
 - reads the per-zone counters and the flow table in `collect()`.
 
-Our tc filters are recognised by name: `zw_net_zone_tx:<pid>:<start time>` (and `_rx`), at
-a priority of our own. Other filters on a device are never touched; filters whose owner is
-no longer running (an agent killed with SIGKILL leaves them) are removed at `attach()`.
-
-DNS questions are parsed here, in Python, from the bytes the kernel copied: the guest
-chose every one of them, so parsing is bounded by the buffer and never trusts a length.
+DNS questions are parsed here (probes/dns.py), in Python, from the bytes the kernel copied.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import ctypes
 import ipaddress
 import logging
 import os
-import socket
+import struct
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from zonewatch.errors import EnvironmentProblem
-from zonewatch.inventory import procfs
-from zonewatch.model import NetEvent, Zone, ZoneRef, ZoneStats
+from zonewatch.model import NetEvent, NetNs, Zone, ZoneRef, ZoneStats
+from zonewatch.probes import tc
 from zonewatch.probes.base import LeavingZones, sum_percpu
+from zonewatch.probes.dns import DnsQuestion, escape_label, parse_dns_query
 from zonewatch.probes.loader import import_bcc, load_program
 from zonewatch.probes.maps import MapReader, RecordRingReader
+from zonewatch.probes.net_addresses import ZoneAddresses
+from zonewatch.probes.netns import Namespace, own_inode
 from zonewatch.probes.records import (
     NET_DECODERS,
+    NETNS_UNPATCHED,
     CountLostSource,
     FlowKey,
     FlowTotals,
@@ -49,104 +51,20 @@ from zonewatch.probes.records import (
 
 log = logging.getLogger(__name__)
 
-# tc clsact parents: ingress sees what the guest sent, egress what is sent to it.
-TC_INGRESS = 0xFFFFFFF2
-TC_EGRESS = 0xFFFFFFF3
-ETH_P_ALL = 0x0003
-FILTER_PRIO = 0x5A57  # "ZW": a priority of our own, so ours are told apart at a glance
-FILTER_PREFIX = "zw_net_"
-PROGRAMS = {TC_INGRESS: "zw_net_zone_tx", TC_EGRESS: "zw_net_zone_rx"}
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 NET_OPS = {NetOp.FLOW_START: "flow_start", NetOp.FLOW_END: "flow_end", NetOp.DNS: "dns"}
 # For the per-record path: NetOp.X is a metaclass lookup each time (~0.25 us).
 _DNS, _FLOW_END, _EGRESS = NetOp.DNS, NetOp.FLOW_END, NetDir.EGRESS
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
-DNS_HEADER_LEN = 12
-DNS_NAME_MAX = 255  # wire bytes of a name, its final zero included (RFC 1035 2.3.4)
-DNS_QTYPES = {
-    1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 10: "NULL", 12: "PTR", 13: "HINFO", 15: "MX",
-    16: "TXT", 28: "AAAA", 33: "SRV", 35: "NAPTR", 43: "DS", 46: "RRSIG", 48: "DNSKEY",
-    64: "SVCB", 65: "HTTPS", 99: "SPF", 251: "IXFR", 252: "AXFR", 255: "ANY", 257: "CAA",
-}  # fmt: skip
-
-
-# ---- guest-chosen bytes -------------------------------------------------------------------
-
-
-def escape_label(label: bytes) -> str:
-    """A DNS label as text: printable ASCII kept, `.` and `\\` escaped, any other byte as
-    `\\DDD` (the master-file notation of RFC 1035 5.1, as dig prints it)."""
-    out: list[str] = []
-    for b in label:
-        if b in (0x2E, 0x5C):
-            out.append("\\" + chr(b))
-        elif 0x21 <= b <= 0x7E:
-            out.append(chr(b))
-        else:
-            out.append(f"\\{b:03d}")
-    return "".join(out)
-
-
-@dataclass(slots=True, frozen=True)
-class DnsQuestion:
-    """The first question of a DNS query. `error` says why parsing stopped ("" when it did
-    not); `qname` then holds the labels read so far."""
-
-    qname: str
-    qtype: int
-    error: str = ""
-
-    @property
-    def qtype_name(self) -> str:
-        if self.error:
-            return ""
-        return DNS_QTYPES.get(self.qtype, f"TYPE{self.qtype}")  # RFC 3597 for the unknown
-
-
-def parse_dns_query(msg: bytes) -> DnsQuestion:
-    """The first question of a DNS message, read strictly within `msg`."""
-    if len(msg) < DNS_HEADER_LEN:
-        return DnsQuestion("", 0, "short header")
-    if int.from_bytes(msg[4:6], "big") == 0:
-        return DnsQuestion("", 0, "no question")
-    labels: list[bytes] = []
-
-    def name() -> str:
-        return ".".join(escape_label(x) for x in labels) or "."
-
-    pos = DNS_HEADER_LEN
-    wire = 1  # the final zero
-    while True:
-        if pos >= len(msg):
-            return DnsQuestion(name(), 0, "truncated")
-        length = msg[pos]
-        pos += 1
-        if length == 0:
-            break
-        if length & 0xC0:
-            # A pointer (or a reserved label type) has nothing to point back to in a
-            # query's first name: refuse it rather than follow it.
-            return DnsQuestion(name(), 0, "compressed or reserved label")
-        wire += length + 1
-        if wire > DNS_NAME_MAX:
-            return DnsQuestion(name(), 0, "name longer than 255 bytes")
-        if pos + length > len(msg):
-            labels.append(msg[pos:])
-            return DnsQuestion(name(), 0, "truncated")
-        labels.append(msg[pos : pos + length])
-        pos += length
-    if pos + 4 > len(msg):
-        return DnsQuestion(name(), 0, "truncated")
-    return DnsQuestion(name(), int.from_bytes(msg[pos : pos + 2], "big"))
-
 
 # Small bounded caches on the per-record path: a host's flows name few distinct addresses
 # and taps, and a zone asks the same names over and over. Emptied when full (a guest
 # choosing endless new values costs a refill, never memory).
 CACHE_MAX = 4096
-TAP_NAME_TTL_S = 1.0  # an ifindex's name is asked of the kernel again after this long
 _ip_texts: dict[bytes, str] = {}
-_tap_names: dict[int, tuple[str, float]] = {}
+# (zone key, tap ifindex) -> tap name, as the probe found it in the zone's namespace: the
+# host's if_indextoname() would name another device (every Kata pod's tap has ifindex 3).
+_zone_taps: dict[tuple[int, int], str] = {}
 _dns_questions: dict[bytes, DnsQuestion] = {}
 
 
@@ -172,21 +90,16 @@ def tcp_flag_names(flags: int) -> list[str]:
 _TCP_FLAGS = tuple(tuple(tcp_flag_names(bits)) for bits in range(256))
 
 
-def _tap_name(ifindex: int) -> str:
-    if not ifindex:
-        return ""
-    now = time.monotonic()
-    known = _tap_names.get(ifindex)
-    if known is not None and now - known[1] < TAP_NAME_TTL_S:
-        return known[0]
-    try:
-        name = socket.if_indextoname(ifindex)
-    except OSError:  # the tap is gone already
-        name = ""
-    if len(_tap_names) >= CACHE_MAX:
-        _tap_names.clear()
-    _tap_names[ifindex] = (name, now)
-    return name
+def remember_tap(zone_key: int, ifindex: int, name: str) -> None:
+    """The zone's tap at `ifindex` is `name` (zone keys are never reused: no entry goes
+    stale; the table is emptied when full)."""
+    if len(_zone_taps) >= CACHE_MAX:
+        _zone_taps.clear()
+    _zone_taps[(zone_key, ifindex)] = name
+
+
+def _tap_name(zone_key: int, ifindex: int) -> str:
+    return _zone_taps.get((zone_key, ifindex), "")
 
 
 def _dns_question(msg: bytes) -> DnsQuestion:
@@ -230,7 +143,7 @@ def net_event(rec: NetRecord, zone: Zone, wall_ns: int, ref: ZoneRef | None = No
         tx_payload=flow.tx_payload,
         rx_payload=flow.rx_payload,
         tcp_flags=_TCP_FLAGS[flow.tcp_flags & 0xFF],
-        tap=_tap_name(flow.ifindex),
+        tap=_tap_name(rec.zone_key, flow.ifindex),
     )
     if rec.op == _FLOW_END:
         event.end_reason = "idle" if rec.idle else ("rst" if flow.tcp_flags & 0x04 else "fin")
@@ -325,191 +238,6 @@ def _sum_counters(value: Any) -> ZoneNet:
     return z
 
 
-# ---- tc ---------------------------------------------------------------------------------
-
-
-def _owner_tag(pid: int) -> str:
-    stat = procfs.read_stat(Path("/proc"), pid)
-    return f"{pid}:{stat.start_time if stat else 0}"
-
-
-def _owner_alive(tag: str) -> bool:
-    pid_text, _, start_text = tag.partition(":")
-    if not pid_text.isdigit():
-        return False
-    stat = procfs.read_stat(Path("/proc"), int(pid_text))
-    return stat is not None and str(stat.start_time) == start_text
-
-
-def _filter_name(msg: Any) -> str:
-    options = msg.get_attr("TCA_OPTIONS")
-    if msg.get_attr("TCA_KIND") != "bpf" or not options:
-        return ""
-    return str(options.get_attr("TCA_BPF_NAME") or "")
-
-
-def _gone(exc: Exception) -> bool:
-    """The device or filter is already gone (a tap deleted with its zone)."""
-    return getattr(exc, "code", None) in (errno.ENODEV, errno.ENOENT, errno.EINVAL)
-
-
-class TcFilters:
-    """Our pair of bpf filters on each tap: added, listed and removed by name and handle."""
-
-    def __init__(self, fds: Mapping[int, int]) -> None:
-        self._fds = dict(fds)  # tc parent -> program fd
-        self._tag = _owner_tag(os.getpid())
-        # Two agents (or a test's probe beside an agent) may watch the same host: each
-        # gets its own handle within our priority.
-        self.handle = 1 + os.getpid() % 0xFFFE
-        self.created_qdisc: set[int] = set()
-
-    def name(self, parent: int) -> str:
-        return f"{PROGRAMS[parent]}:{self._tag}"
-
-    def add(self, ipr: Any, index: int) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        try:
-            ipr.tc("add", "clsact", index)
-            self.created_qdisc.add(index)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise
-        for parent, fd in self._fds.items():
-            ipr.tc(
-                "add-filter", "bpf", index, self.handle, fd=fd, name=self.name(parent),
-                parent=parent, classid=1, direct_action=True, prio=FILTER_PRIO,
-                protocol=ETH_P_ALL,
-            )  # fmt: skip
-
-    def remove(self, ipr: Any, index: int) -> None:
-        """Remove our filters (and the clsact qdisc, if we added it and it is empty now)."""
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        for parent in self._fds:
-            try:
-                ipr.tc(
-                    "del-filter", "bpf", index, self.handle, parent=parent, prio=FILTER_PRIO,
-                    protocol=ETH_P_ALL,
-                )  # fmt: skip
-            except NetlinkError as exc:
-                if not _gone(exc):
-                    raise
-        if index in self.created_qdisc:
-            self.created_qdisc.discard(index)
-            with contextlib.suppress(NetlinkError):
-                if not any(True for _ in self.filters(ipr, index)):
-                    ipr.tc("del", "clsact", index)
-
-    @staticmethod
-    def filters(ipr: Any, index: int) -> Iterator[tuple[int, Any]]:
-        """(parent, filter message) of every filter on the device's clsact hooks."""
-        for parent in (TC_INGRESS, TC_EGRESS):
-            for msg in ipr.get_filters(index=index, parent=parent):
-                if msg["handle"]:  # handle 0 is the chain head each filter kind reports
-                    yield parent, msg
-
-
-def clear_leftovers(ipr: Any) -> int:
-    """Remove filters of ours whose owning process is gone, on every device; returns how
-    many. Filters of other owners, and of live agents, stay."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    removed = 0
-    indexes = {int(q["index"]) for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
-    for index in sorted(indexes):
-        try:
-            found = list(TcFilters.filters(ipr, index))
-        except NetlinkError:
-            continue  # the device went away meanwhile
-        for parent, msg in found:
-            name = _filter_name(msg)
-            if not name.startswith(FILTER_PREFIX) or (msg["info"] >> 16) != FILTER_PRIO:
-                continue
-            if _owner_alive(name.partition(":")[2]):
-                continue
-            try:
-                ipr.tc(
-                    "del-filter", "bpf", index, msg["handle"], parent=parent,
-                    prio=FILTER_PRIO, protocol=ETH_P_ALL,
-                )  # fmt: skip
-                removed += 1
-            except NetlinkError as exc:
-                if not _gone(exc):
-                    raise
-    return removed
-
-
-# ---- zone addresses ---------------------------------------------------------------------
-
-MAX_ADDRESSES_PER_ZONE = 16
-
-
-def _reachable(raw_ip: bytes) -> str:
-    """An address as text, or "" when no other zone could reach this one at it."""
-    if len(raw_ip) not in (4, 16):
-        return ""
-    ip = ipaddress.ip_address(raw_ip)
-    if ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_loopback:
-        return ""
-    if ip.is_reserved:  # 255.255.255.255 among them
-        return ""
-    return str(ip)
-
-
-class ZoneAddresses:
-    """Each zone's IP addresses, learned from its tap: the source of what the guest sent.
-
-    What rules read as net.dst_zone / net.dst_tenant / net.dst_other_tenant. Bounded per
-    zone (the least recently seen goes first) and dropped with the zone. The first zone to
-    use an address keeps it while it lives: a guest spoofing another zone's source address
-    cannot take that address over (nor pass its own traffic off as the other tenant's).
-    """
-
-    def __init__(self, per_zone: int = MAX_ADDRESSES_PER_ZONE) -> None:
-        self._per_zone = per_zone
-        self._refs: dict[int, ZoneRef] = {}
-        self._by_zone: dict[int, dict[str, None]] = {}  # insertion order = recency
-        self._owner: dict[str, int] = {}
-        self.view: dict[str, ZoneRef] = {}  # ip -> zone: handed to the rules as is
-        self._usable: dict[bytes, str] = {}  # raw address -> _reachable(raw)
-
-    def set_zones(self, zones: Sequence[Zone]) -> None:
-        self._refs = {z.key: z.ref for z in zones}
-        for key in self._by_zone.keys() - self._refs.keys():
-            for ip in self._by_zone.pop(key):
-                del self._owner[ip]
-                del self.view[ip]
-        for ip, key in self._owner.items():  # a zone's name or tenant may have changed
-            self.view[ip] = self._refs[key]
-
-    def learn(self, zone_key: int, raw_ip: bytes) -> None:
-        ref = self._refs.get(zone_key)
-        if ref is None:
-            return
-        text = self._usable.get(raw_ip)
-        if text is None:
-            if len(self._usable) >= CACHE_MAX:
-                self._usable.clear()
-            text = self._usable[raw_ip] = _reachable(raw_ip)
-        if not text:
-            return  # not an address another zone could reach this one at
-        owner = self._owner.get(text)
-        if owner is not None and owner != zone_key:
-            return
-        mine = self._by_zone.setdefault(zone_key, {})
-        mine.pop(text, None)
-        mine[text] = None
-        self._owner[text] = zone_key
-        self.view[text] = ref
-        if len(mine) > self._per_zone:
-            oldest = next(iter(mine))
-            del mine[oldest]
-            del self._owner[oldest]
-            del self.view[oldest]
-
-
 # ---- the probe --------------------------------------------------------------------------
 
 # Zones with a slot in bpf/net.c's `counters` array at once (ZW_MAX_ZONE_IFS).
@@ -551,6 +279,60 @@ class CounterSlots:
             self._free.append(slot)
 
 
+_SCHED_CLS = 3  # BPF_PROG_TYPE_SCHED_CLS
+_LD_IMM64 = 0x18
+
+
+def placeholder_offsets(insns: bytes | bytearray) -> list[int]:
+    """Offsets of the ld_imm64 instructions loading ZW_NETNS_UNPATCHED (netns_id())."""
+    low, high = NETNS_UNPATCHED & 0xFFFFFFFF, NETNS_UNPATCHED >> 32
+    return [
+        at
+        for at in range(0, len(insns) - 15, 8)
+        if insns[at] == _LD_IMM64
+        and struct.unpack_from("<I", insns, at + 4)[0] == low
+        and struct.unpack_from("<I", insns, at + 12)[0] == high
+    ]
+
+
+# A namespace other than the agent's is entered (a fork in pyroute2: 11-15 ms) only when the
+# taps wanted there changed, or, while one of them could not be watched, at most this often.
+RETRY_S = 5.0
+
+
+@dataclass(slots=True, frozen=True)
+class TapRef:
+    """A tap as the inventory names it: its network namespace (inode) and its name."""
+
+    netns: int
+    name: str
+
+
+@dataclass(slots=True)
+class Watched:
+    """A tap our filters are on, and the devices (by ifindex) zone_ifs names for its zone:
+    the tap, and the device whose filters redirect to it when the tap has no egress hook."""
+
+    zone_key: int
+    ifindex: int
+    devices: tuple[int, ...]
+    placed: list[tc.Placed]
+    created_clsact: int | None
+
+
+@dataclass(slots=True)
+class Space:
+    """A network namespace with taps we watch or want to (held open while we do)."""
+
+    ns: Namespace
+    netns_id: int = NETNS_UNPATCHED  # what our programs attached here take it for
+    fds: dict[str, int] = field(default_factory=dict)  # their instances: program name -> fd
+    entered: bool = False  # programs loaded and a dead agent's leftovers cleared
+    taps: dict[str, Watched] = field(default_factory=dict)
+    dirty: bool = True  # the taps wanted here changed since the last visit
+    retry_at: float = 0.0
+
+
 class NetProbe:
     """Loads bpf/net.c and keeps its tc filters on the zones' taps."""
 
@@ -565,6 +347,7 @@ class NetProbe:
         ended_linger_s: float = 5.0,
         sweep_interval_s: float = 1.0,
         max_zones: int = MAX_ZONES,
+        per_netns_programs: bool = True,
     ) -> None:
         self._ringbuf_pages = ringbuf_pages
         self._max_zones = max_zones
@@ -572,21 +355,30 @@ class NetProbe:
         self.idle_timeout_s = idle_timeout_s
         self.ended_linger_s = ended_linger_s  # an ended TCP flow's trailing ACKs count here
         self.sweep_interval_s = sweep_interval_s
+        # False: one program for every namespace, as where instances cannot be patched (tests)
+        self._want_instances = per_netns_programs
+        self.per_netns_programs = False  # whether namespaces are told apart (attach() says)
+        self._shared_fds: dict[str, int] = {}  # the programs as bcc loaded them (unpatched)
         self._bpf: Any = None
-        self._tc: TcFilters | None = None
+        self._tc: tc.TcFilters | None = None
         self._reader: RecordRingReader[NetRecord] | None = None
         self._maps = MapReader()
-        self._wanted: dict[str, int] = {}  # tap name -> zone key, as the inventory says
-        self._attached: dict[int, tuple[str, int]] = {}  # ifindex -> (tap, zone key)
+        self._own = own_inode()
+        self._wanted: dict[TapRef, int] = {}  # tap -> zone key, as the inventory says
+        self._paths: dict[int, NetNs] = {}  # namespace inode -> where to enter it
+        self._spaces: dict[int, Space] = {}  # namespace inode -> our state there
+        self._devices: dict[tuple[int, int], int] = {}  # zone_ifs keys we set -> zone key
         self._slots = CounterSlots(max_zones)  # zone key -> its index in `counters`
-        self._refused: dict[str, str] = {}  # tap name -> why we can't watch it (logged once)
+        self._blind: dict[TapRef, tuple[int, str]] = {}  # -> (zone key, why), logged once
         self._zone_keys: set[int] = set()
         self._leaving = LeavingZones()  # zones gone: their slots go after a last collect()
         self._ended_zones: set[int] = set()  # zones gone whose flows the next sweep ends
         self._next_sweep = 0.0
         self.addresses = ZoneAddresses()
-        self.attach_errors = 0
+        self.attach_errors = 0  # taps found unwatchable (each cause once while it lasts)
+        self.blind_counts: Counter[str] = Counter()  # the same, by cause
         self.leftovers_removed = 0
+        self.netns_entries = 0  # visits of namespaces other than the agent's (each a fork)
 
     @property
     def bpf(self) -> Any:
@@ -594,8 +386,25 @@ class NetProbe:
 
     @property
     def attached_taps(self) -> dict[str, int]:
-        """Tap name -> ifindex of every tap our filters are on now."""
-        return {name: index for index, (name, _key) in self._attached.items()}
+        """Tap name -> ifindex of every tap in the agent's namespace our filters are on."""
+        space = self._spaces.get(self._own)
+        return {name: w.ifindex for name, w in space.taps.items()} if space else {}
+
+    def watched(self) -> dict[TapRef, int]:
+        """Every tap our filters are on -> its zone key."""
+        return {
+            TapRef(inode, name): w.zone_key
+            for inode, space in self._spaces.items()
+            for name, w in space.taps.items()
+        }
+
+    def blind_spots(self) -> dict[int, str]:
+        """Zone key -> why the net channel does not (fully) see that zone's traffic; zones
+        seen fully are absent."""
+        out: dict[int, list[str]] = {}
+        for ref, (key, why) in sorted(self._blind.items(), key=lambda kv: kv[0].name):
+            out.setdefault(key, []).append(f"{self._where(ref)}: {why}")
+        return {key: "; ".join(reasons) for key, reasons in out.items()}
 
     def attach(self) -> None:
         bcc = import_bcc()
@@ -606,96 +415,284 @@ class NetProbe:
         ]
         self._bpf = load_program("net.c", cflags)
         try:
-            fds = {
-                parent: self._bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
-                for parent, name in PROGRAMS.items()
+            self._shared_fds = {
+                name: self._bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
+                for name in (tc.TX_PROGRAM, tc.RX_PROGRAM)
             }
         except Exception as exc:  # bcc raises bare Exception when the verifier refuses
             self.detach()
             raise EnvironmentProblem("bpf/net.c", f"tc programs not loaded: {exc}") from exc
-        self._tc = TcFilters(fds)
+        self.per_netns_programs = self._want_instances and all(
+            len(placeholder_offsets(self._bpf.dump_func(n.encode()))) == 1 for n in self._shared_fds
+        )
+        if self._want_instances and not self.per_netns_programs:
+            # A compiler that folded netns_id(): one program everywhere, one zone per ifindex.
+            log.warning(
+                "net probe: cannot patch bpf/net.c per namespace; taps sharing an ifindex in "
+                "different namespaces are watched for one zone only"
+            )
+            self.blind_counts["unpatchable_program"] += 1
+        self._tc = tc.TcFilters()
         self._reader = RecordRingReader(self._bpf, "events", NET_DECODERS)
-        with self._ipr() as ipr:
-            self.leftovers_removed = clear_leftovers(ipr)
-        if self.leftovers_removed:
-            log.info("net probe: removed %d tc filter(s) a dead agent left", self.leftovers_removed)
+        own = Namespace.own()
+        space = self._spaces[self._own] = Space(own)
+        with own.route() as ipr:
+            self._enter(space, ipr)
 
-    @staticmethod
-    def _ipr() -> Any:
-        from pyroute2 import IPRoute
+    def _instance(self, name: str, netns: int) -> int:
+        """A fd of program `name` whose netns_id() returns `netns`."""
+        from bcc.libbcc import lib
 
-        try:
-            return IPRoute()
-        except OSError as exc:
-            raise EnvironmentProblem("netlink", f"cannot open a route socket: {exc}") from exc
+        insns = bytearray(self._bpf.dump_func(name.encode()))
+        (at,) = placeholder_offsets(insns)
+        struct.pack_into("<I", insns, at + 4, netns & 0xFFFFFFFF)  # ld_imm64: low half...
+        struct.pack_into("<I", insns, at + 12, netns >> 32)  # ...in the next slot's imm
+        buf = ctypes.create_string_buffer(bytes(insns), len(insns))
+        module = self._bpf.module
+        fd = lib.bcc_func_load(
+            module, _SCHED_CLS, name.encode(), buf, len(insns), lib.bpf_module_license(module),
+            lib.bpf_module_kern_version(module), 0, None, 0, None, -1,
+        )  # fmt: skip
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), f"{name} for namespace {netns} not loaded")
+        return int(fd)
+
+    def _enter(self, space: Space, ipr: Any) -> None:
+        """First visit of a namespace: our programs' instance for it, and a dead agent's
+        filters cleared."""
+        if self.per_netns_programs:
+            space.netns_id = space.ns.inode
+            space.fds = {name: self._instance(name, space.netns_id) for name in self._shared_fds}
+        else:
+            space.fds = dict(self._shared_fds)
+        removed = tc.clear_leftovers(ipr)
+        if removed:
+            log.info(
+                "net probe: removed %d tc filter(s) a dead agent left in %s",
+                removed,
+                space.ns.where,
+            )
+        self.leftovers_removed += removed
+        space.entered = True
+
+    def _close(self, space: Space) -> None:
+        """Forget a namespace: our program instances for it, and the fd that holds it."""
+        if self.per_netns_programs:
+            for fd in space.fds.values():
+                os.close(fd)
+        space.fds = {}
+        space.ns.close()
 
     def set_zones(self, zones: Sequence[Zone]) -> None:
         self.addresses.set_zones(zones)
-        self.set_taps({tap: z.key for z in zones for tap in z.taps})
+        taps: dict[TapRef, int] = {}
+        self._paths = {}
+        for z in zones:
+            inode = z.netns.inode if z.netns else self._own
+            if z.netns and inode != self._own:
+                self._paths.setdefault(inode, z.netns)
+            for name in z.taps:
+                taps.setdefault(TapRef(inode, name), z.key)
+        self._want(taps)
         keys = {z.key for z in zones}
         self._ended_zones |= self._zone_keys - keys
         self._leaving.follow(self._zone_keys, keys)
         self._zone_keys = keys
 
     def set_taps(self, taps: Mapping[str, int]) -> None:
-        """Watch exactly these taps (name -> zone key); the rest lose our filters."""
-        self._wanted = dict(taps)
+        """Watch exactly these taps of the agent's own namespace (name -> zone key); the
+        rest lose our filters."""
+        self._want({TapRef(self._own, name): key for name, key in taps.items()})
+
+    def _want(self, taps: dict[TapRef, int]) -> None:
+        changed = {ref.netns for ref, _key in taps.items() ^ self._wanted.items()}
+        for inode in changed:
+            if inode in self._spaces:
+                self._spaces[inode].dirty = True
+        self._wanted = taps
         self._sync()
 
     def _sync(self) -> None:
-        """Bring filters and the ifindex map in line with the wanted taps as they exist now
-        (a tap may appear after its zone, or be made anew with another ifindex)."""
+        """Bring filters and zone_ifs in line with the wanted taps as they exist now (a tap
+        may appear after its zone, or be made anew with another ifindex). The agent's own
+        namespace is looked at every time; others when something changed there."""
         assert self._bpf is not None, "attach() first"
-        assert self._tc is not None
+        now = time.monotonic()
+        groups: dict[int, dict[str, int]] = {}
+        for ref, key in self._wanted.items():
+            groups.setdefault(ref.netns, {})[ref.name] = key
+        for ref in self._blind.keys() - self._wanted.keys():
+            del self._blind[ref]
+        for inode in sorted(groups.keys() | self._spaces.keys()):
+            wanted = groups.get(inode, {})
+            space = self._spaces.get(inode)
+            if space is None:
+                if not wanted:
+                    continue
+                space = self._open(inode, wanted)
+                if space is None:
+                    continue
+            elif inode != self._own and not space.dirty and now < space.retry_at:
+                continue
+            self._visit(space, wanted, now)
+            if inode != self._own and not wanted and not space.taps:
+                self._close(space)
+                del self._spaces[inode]
+
+    def _open(self, inode: int, wanted: dict[str, int]) -> Space | None:
+        netns = self._paths.get(inode)
+        try:
+            if netns is None:
+                raise OSError(f"no process known to be in network namespace {inode}")
+            space = self._spaces[inode] = Space(Namespace.open(netns))
+        except OSError as exc:
+            for name, key in wanted.items():
+                self._note_blind(TapRef(inode, name), key, "netns", f"cannot enter it: {exc}")
+            return None
+        return space
+
+    def _visit(self, space: Space, wanted: dict[str, int], now: float) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
-        zone_ifs = self._bpf[b"zone_ifs"]
-        with self._ipr() as ipr:
-            links = {
-                str(link.get_attr("IFLA_IFNAME")): int(link["index"]) for link in ipr.get_links()
-            }
-            wanted = {
-                links[name]: (name, key) for name, key in self._wanted.items() if name in links
-            }
-            for name in self._refused.keys() - self._wanted.keys():
-                del self._refused[name]
-            for index in self._attached.keys() - wanted.keys():
-                name, _key = self._attached.pop(index)
-                with contextlib.suppress(KeyError):
-                    del zone_ifs[zone_ifs.Key(index)]
-                if index in links.values():
-                    self._tc.remove(ipr, index)
-                log.info("net probe: stopped watching %s", name)
-            for index, (name, key) in wanted.items():
-                known = self._attached.get(index)
-                if known == (name, key):
-                    continue
-                slot = self._slots.get(key)
-                if slot is None:
-                    slot = self._slots.assign(key)
-                    if slot is None:
-                        self._refuse(name, f"all {self._max_zones} zone slots are taken")
-                        continue
-                    del self._bpf[b"counters"][slot]  # zeroes it (an array keeps its entries)
-                zone_ifs[zone_ifs.Key(index)] = zone_ifs.Leaf(key, slot)
-                if known is None:
-                    try:
-                        self._tc.add(ipr, index)
-                    except NetlinkError as exc:
-                        del zone_ifs[zone_ifs.Key(index)]
-                        self._refuse(name, str(exc))
-                        continue
-                    log.info("net probe: watching %s (ifindex %d)", name, index)
-                self._attached[index] = (name, key)
-                self._refused.pop(name, None)
+        if space.ns.fd is not None:
+            self.netns_entries += 1
+        try:
+            with space.ns.route() as ipr:
+                if not space.entered:
+                    self._enter(space, ipr)
+                self._sync_taps(space, ipr, wanted)
+        except (OSError, NetlinkError) as exc:  # TimeoutError (entering) is an OSError
+            for name, key in wanted.items():
+                if name not in space.taps:
+                    self._note_blind(
+                        TapRef(space.ns.inode, name), key, "netns", f"cannot enter it: {exc}"
+                    )
+        pending = any(
+            TapRef(space.ns.inode, n) in self._blind for n in wanted if n not in space.taps
+        )
+        space.dirty = False
+        space.retry_at = now + RETRY_S if pending else float("inf")
 
-    def _refuse(self, tap: str, reason: str) -> None:
-        """A tap we can't watch now: tried again at each sync, but counted and logged once
-        for as long as the reason stays the same (a full host would log it every second)."""
-        if self._refused.get(tap) != reason:
-            self._refused[tap] = reason
+    def _sync_taps(self, space: Space, ipr: Any, wanted: dict[str, int]) -> None:
+        links = {str(link.get_attr("IFLA_IFNAME")): int(link["index"]) for link in ipr.get_links()}
+        for name, watched in list(space.taps.items()):
+            if name not in wanted or links.get(name) != watched.ifindex:
+                self._unwatch(space, ipr, name)
+        for name, key in wanted.items():
+            ref = TapRef(space.ns.inode, name)
+            index = links.get(name)
+            if index is None:
+                self._note_blind(ref, key, "tap_missing", "no such device there")
+                continue
+            w = space.taps.get(name)
+            if w is None:
+                self._watch(space, ipr, ref, index, key)
+            elif w.zone_key != key:  # the same tap, now another zone's: no tc change
+                slot = self._slot_for(ref, key)
+                if slot is None:
+                    self._unwatch(space, ipr, name)
+                    continue
+                self._map_devices(space.netns_id, w.devices, key, slot, index)
+                w.zone_key = key
+                remember_tap(key, index, name)
+
+    def _slot_for(self, ref: TapRef, key: int) -> int | None:
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots.assign(key)
+            if slot is None:
+                self._note_blind(
+                    ref, key, "slots_full", f"all {self._max_zones} zone slots are taken"
+                )
+                return None
+            del self._bpf[b"counters"][slot]  # zeroes it (an array keeps its entries)
+        return slot
+
+    def _map_devices(
+        self, netns: int, devices: tuple[int, ...], key: int, slot: int, tap: int
+    ) -> None:
+        zone_ifs = self._bpf[b"zone_ifs"]
+        for d in devices:
+            zone_ifs[zone_ifs.Key(netns, d)] = zone_ifs.Leaf(key, slot, tap)
+            self._devices[(netns, d)] = key
+
+    def _unmap_devices(self, netns: int, devices: tuple[int, ...]) -> None:
+        zone_ifs = self._bpf[b"zone_ifs"]
+        for d in devices:
+            self._devices.pop((netns, d), None)
+            with contextlib.suppress(KeyError):
+                del zone_ifs[zone_ifs.Key(netns, d)]
+
+    def _watch(self, space: Space, ipr: Any, ref: TapRef, index: int, key: int) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        assert self._tc is not None
+        try:
+            plan = tc.plan(ipr, index)
+        except (tc.Unwatchable, NetlinkError) as exc:
+            self._note_blind(ref, key, "tc_refused", str(exc))
+            return
+        devices = tuple(dict.fromkeys(h.ifindex for h in plan.hooks))
+        for d in devices:
+            owner = self._devices.get((space.netns_id, d))
+            if owner is not None and owner != key:
+                why = f"ifindex {d} there is already watched for zone {owner}"
+                if not self.per_netns_programs:
+                    why += " (our programs cannot tell network namespaces apart here)"
+                self._note_blind(ref, key, "ifindex_clash", why)
+                return
+        slot = self._slot_for(ref, key)
+        if slot is None:
+            return
+        self._map_devices(space.netns_id, devices, key, slot, index)
+        try:
+            placed = self._tc.add(ipr, plan, space.fds)
+        except (NetlinkError, tc.Unwatchable) as exc:
+            self._unmap_devices(space.netns_id, devices)
+            self._note_blind(ref, key, "tc_refused", str(exc))
+            return
+        created = index if plan.create_clsact else None
+        space.taps[ref.name] = Watched(key, index, devices, placed, created)
+        remember_tap(key, index, ref.name)
+        self._blind.pop(ref, None)
+        if plan.rx is None:
+            self._note_blind(
+                ref, key, "no_rx_hook", f"frames to the zone are unseen: {plan.rx_missing}"
+            )
+        seen_on = (
+            f", frames to it on ifindex {plan.rx.ifindex}"
+            if plan.rx and plan.rx.ifindex != index
+            else ""
+        )
+        log.info("net probe: watching %s (ifindex %d%s)", self._where(ref), index, seen_on)
+
+    def _unwatch(self, space: Space, ipr: Any, name: str) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        assert self._tc is not None
+        w = space.taps.pop(name)
+        self._unmap_devices(space.netns_id, w.devices)
+        ref = TapRef(space.ns.inode, name)
+        try:
+            self._tc.remove(ipr, w.placed, w.created_clsact)
+        except NetlinkError as exc:
+            log.warning("net probe: cannot remove our filters from %s: %s", self._where(ref), exc)
+        if self._blind.get(ref, (0, ""))[0] == w.zone_key:
+            del self._blind[ref]
+        log.info("net probe: stopped watching %s", self._where(ref))
+
+    def _where(self, ref: TapRef) -> str:
+        return ref.name if ref.netns == self._own else f"{ref.name} (netns {ref.netns})"
+
+    def _note_blind(self, ref: TapRef, key: int, cause: str, why: str) -> None:
+        """A tap we can't (fully) watch now: tried again later, but counted and logged
+        once for as long as the reason stays the same (a full host would log it every
+        second)."""
+        if self._blind.get(ref) != (key, why):
+            self._blind[ref] = (key, why)
             self.attach_errors += 1
-            log.warning("net probe: cannot watch %s: %s", tap, reason)
+            self.blind_counts[cause] += 1
+            log.warning("net probe: cannot watch %s: %s", self._where(ref), why)
 
     def ring_fds(self) -> list[int]:
         return [self._reader.fd] if self._reader else []
@@ -790,17 +787,21 @@ class NetProbe:
         }
 
     def detach(self) -> None:
-        """Remove our filters from every tap, then unload the programs."""
-        if self._tc is not None and self._attached:
-            from pyroute2.netlink.exceptions import NetlinkError
+        """Remove our filters from every tap (in every namespace), then unload the programs."""
+        from pyroute2.netlink.exceptions import NetlinkError
 
-            with self._ipr() as ipr:
-                for index, (name, _key) in list(self._attached.items()):
-                    try:
-                        self._tc.remove(ipr, index)
-                    except NetlinkError as exc:
-                        log.warning("net probe: cannot detach from %s: %s", name, exc)
-        self._attached = {}
+        for space in self._spaces.values():
+            if self._tc is not None and space.taps:
+                try:
+                    with space.ns.route() as ipr:
+                        for name in list(space.taps):
+                            self._unwatch(space, ipr, name)
+                except (OSError, NetlinkError) as exc:
+                    log.warning("net probe: cannot detach in %s: %s", space.ns.where, exc)
+            self._close(space)
+        self._spaces = {}
+        self._devices = {}
+        self._blind = {}
         self._tc = None
         if self._bpf is not None:
             self._bpf.cleanup()
@@ -809,7 +810,6 @@ class NetProbe:
         self._zone_keys = set()
         self._leaving.clear()
         self._slots = CounterSlots(self._max_zones)
-        self._refused = {}
 
 
 __all__ = [
@@ -817,9 +817,9 @@ __all__ = [
     "NetDir",
     "NetProbe",
     "NetSnapshot",
+    "TapRef",
     "ZoneAddresses",
     "ZoneNet",
-    "clear_leftovers",
     "escape_label",
     "fill_net",
     "parse_dns_query",

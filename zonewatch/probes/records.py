@@ -582,10 +582,24 @@ class ZwFlowStats(ctypes.Structure):
     )
 
 
+# bpf/net.c's netns_id() until user space patches the program instance (ZW_NETNS_UNPATCHED).
+NETNS_UNPATCHED = 0x5A57A5A5D1CEC0DE
+
+
+class ZwNetIfKey(ctypes.Structure):
+    _fields_ = (
+        ("netns", ctypes.c_uint64),
+        ("ifindex", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    )
+
+
 class ZwNetIf(ctypes.Structure):
     _fields_ = (
         ("zone_key", ctypes.c_uint32),
         ("slot", ctypes.c_uint32),
+        ("tap_ifindex", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
     )
 
 
@@ -619,6 +633,7 @@ MIRRORS.update(
     {
         "zw_flow_key": ZwFlowKey,
         "zw_flow_stats": ZwFlowStats,
+        "zw_net_if_key": ZwNetIfKey,
         "zw_net_if": ZwNetIf,
         "zw_net_counters": ZwNetCounters,
         "zw_net_event": ZwNetEvent,

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 # sched_switch and sched_process_exit are always there; the wake-ups are checked.
 SCHED_WAKEUP_TRACEPOINTS = ("sched_wakeup", "sched_wakeup_new")
 
+# Why a zone has no run delay (blind_spots): its vCPU threads are known by name, or once
+# the kvm probe sees them run KVM_RUN; until then its CPU time counts as other threads'.
+NO_VCPU_SEEN = "no vCPU thread seen yet"
+
 
 @dataclass(slots=True)
 class Total:
@@ -108,6 +112,7 @@ class SchedProbe:
         self._tids: ZonePidFilter | None = None
         self._maps = MapReader()
         self._zone_keys: set[int] = set()
+        self._without_vcpus: set[int] = set()  # zone keys with no vCPU thread known
         self._leaving = LeavingZones()
         self.missing: list[str] = []
 
@@ -136,11 +141,17 @@ class SchedProbe:
         gone = self._zone_keys - keys
         self._leaving.follow(self._zone_keys, keys)
         self._zone_keys = keys
+        self._without_vcpus = {z.key for z in zones if not z.vcpu_tids}
         if gone:
             waiting = self._bpf[b"waiting"]
             self._maps.delete(
                 waiting, [k for k, st in self._maps.items(waiting) if st.zone_key in gone]
             )
+
+    def blind_spots(self) -> dict[int, str]:
+        """Zones whose run delay is not measured (zone key -> why): no vCPU thread of
+        theirs is known yet, so nothing tells which of their threads to time."""
+        return dict.fromkeys(sorted(self._without_vcpus), NO_VCPU_SEEN)
 
     def ring_fds(self) -> list[int]:
         return []
@@ -212,4 +223,5 @@ class SchedProbe:
             self._pids = None
             self._tids = None
             self._zone_keys = set()
+            self._without_vcpus = set()
             self._leaving.clear()
