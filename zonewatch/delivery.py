@@ -351,10 +351,13 @@ def watch_agent(delivery: Delivery, agent: Any) -> None:
 
     def health() -> AgentHealth:
         h = delivery.health()
+        rules = agent.rules.engine.counters if agent.rules is not None else None
         return AgentHealth(
             events=agent.counters.events,
             probes=tuple(p.name for p in agent.probes),
             lost=dict(agent.counters.lost_reported),
+            rule_eval_errors=rules.eval_errors if rules else 0,
+            rules_disabled=rules.rules_disabled if rules else 0,
             **h,
         )
 
