@@ -139,8 +139,9 @@ _TABLE: tuple[Field, ...] = (
     Field("proc.args", S, "command line, space-separated (exec)", {"proc": "args"}),
     Field("proc.target", S, "what the call acted on: host path (open_outside_share, mount, "
           "chroot, pivot_root), module name, \"pid (comm)\" (ptrace, process_vm_*, "
-          "pidfd_getfd), namespace (setns: net:[4026531840]), open_by_handle_at's mount, "
-          "perf event type (perf_event_open: hardware, software, tracepoint, kprobe, ...)",
+          "pidfd_getfd), namespace (setns: net:[4026531840]; \"fd N\" when the caller "
+          "closed it first), open_by_handle_at's mount, perf event type (perf_event_open: "
+          "hardware, software, tracepoint, kprobe, ...)",
           {"proc": "target"}),
     Field("proc.target_pid", N, "the other process acted on: ptrace, process_vm_readv/writev, "
           "pidfd_getfd (0 when its pidfd was gone), perf_event_open (-1: every process)",
