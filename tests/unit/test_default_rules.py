@@ -61,3 +61,10 @@ def test_tags_start_with_maturity_and_proc_rules_name_mitre_ids() -> None:
         assert rule.tags[0].startswith("maturity_"), rule.name
         if Path(rule.where.split(":")[0]).name == "proc.yaml":
             assert any(MITRE.match(t) for t in rule.tags), rule.name
+
+
+def test_docs_list_every_proc_rule() -> None:
+    listed = (RULES.parent / "docs" / "rules.md").read_text()
+    for rule in RuleEngine.load([RULES]).rules:
+        if Path(rule.where.split(":")[0]).name == "proc.yaml":
+            assert f"| {rule.name} |" in listed, rule.name
