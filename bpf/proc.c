@@ -656,7 +656,7 @@ EXIT_PROBE(kexec_load)
 #ifdef ZW_TP_kexec_file_load
 TRACEPOINT_PROBE(syscalls, sys_enter_kexec_file_load)
 {
-	struct zw_proc_event *e = zone_record(ZW_PROC_KEXEC_LOAD);
+	struct zw_proc_event *e = zone_record(ZW_PROC_KEXEC_FILE_LOAD);
 	if (!e)
 		return 0;
 	e->arg[0] = args->flags;

@@ -361,11 +361,10 @@ enum zw_proc_op {
 	ZW_PROC_PIDFD_GETFD = 22,   /* arg[0]: the pidfd; arg[1]: the fd taken; arg[2]: flags */
 	ZW_PROC_IO_URING_SETUP = 23, /* arg[0]: entries; arg[1]: io_uring_params.flags */
 	ZW_PROC_USERFAULTFD = 24,   /* arg[0]: flags */
-	ZW_PROC_KEXEC_LOAD = 25,    /* kexec_load: arg[0] flags, arg[1] segments, arg[2] entry;
-				       kexec_file_load: arg[0] flags, arg[1] kernel fd,
-				       path2: the kernel command line */
+	ZW_PROC_KEXEC_LOAD = 25,    /* arg[0]: flags; arg[1]: segments; arg[2]: entry */
 	ZW_PROC_PERF_EVENT_OPEN = 26, /* target_pid: pid (-1: any); arg[0]: attr.type;
 					 arg[1]: attr.config; arg[2]: flags */
+	ZW_PROC_KEXEC_FILE_LOAD = 27, /* arg[0]: flags; arg[1]: kernel fd; path2: command line */
 };
 
 #define ZW_PROC_F_SPAWNED 1  /* the process was spawned by a zone process (followed) */

@@ -140,9 +140,11 @@ def test_kernel_interfaces(proc: Path, tmp_path: Path) -> None:
     assert e.flags == 0o2004000
     kexec = record(ProcOp.KEXEC_LOAD, arg=(40 << 16, 2, 0x100000), ret=-22)
     assert proc_event(kexec, ZONE, 1, proc).target == "2 segments, entry 0x100000"
-    from_file = record(ProcOp.KEXEC_LOAD, arg=(0, 7, 0), path2=b"console=ttyS0")
+    from_file = record(ProcOp.KEXEC_FILE_LOAD, arg=(0, 7, 0), path2=b"console=ttyS0")
     e = proc_event(from_file, ZONE, 1, proc)
-    assert (e.target, e.args) == ("/srv", "console=ttyS0")
+    assert (e.op, e.target, e.args) == ("kexec_load", "/srv", "console=ttyS0")
+    no_cmdline = record(ProcOp.KEXEC_FILE_LOAD, arg=(4, 9, 0))  # KEXEC_FILE_NO_INITRAMFS
+    assert proc_event(no_cmdline, ZONE, 1, proc).target == "fd 9"
     anyone = record(ProcOp.PERF_EVENT_OPEN, target_pid=0xFFFFFFFF, arg=(2, 0x1F, 8))
     e = proc_event(anyone, ZONE, 1, proc)
     assert (e.target, e.target_pid, e.flags) == ("tracepoint", -1, 8)

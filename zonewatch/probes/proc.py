@@ -85,6 +85,7 @@ OP_NAMES = {
     ProcOp.USERFAULTFD: "userfaultfd",
     ProcOp.KEXEC_LOAD: "kexec_load",
     ProcOp.PERF_EVENT_OPEN: "perf_event_open",
+    ProcOp.KEXEC_FILE_LOAD: "kexec_load",
 }
 # include/uapi/linux/sched.h CLONE_NEW*, named as lsns(8) and /proc/PID/ns name them.
 NAMESPACE_FLAGS = {
@@ -346,7 +347,8 @@ def proc_event(
 ESCAPE_OPS = frozenset({
     ProcOp.SETNS, ProcOp.UNSHARE, ProcOp.CHROOT, ProcOp.PIVOT_ROOT, ProcOp.OPEN_BY_HANDLE,
     ProcOp.PROCESS_VM_READV, ProcOp.PROCESS_VM_WRITEV, ProcOp.PIDFD_GETFD,
-    ProcOp.IO_URING_SETUP, ProcOp.USERFAULTFD, ProcOp.KEXEC_LOAD, ProcOp.PERF_EVENT_OPEN,
+    ProcOp.IO_URING_SETUP, ProcOp.USERFAULTFD, ProcOp.KEXEC_LOAD, ProcOp.KEXEC_FILE_LOAD,
+    ProcOp.PERF_EVENT_OPEN,
 })  # fmt: skip
 
 
@@ -397,11 +399,11 @@ def _escape_details(event: ProcEvent, rec: ProcRecord, proc: Path) -> None:
         event.flags = a0
     elif op == ProcOp.KEXEC_LOAD:
         event.flags = a0
-        if rec.path2:  # kexec_file_load: a kernel from a file, and its command line
-            event.target = _readlink(fds / str(a1)) or f"fd {a1}"
-            event.args = text(rec.path2)
-        else:
-            event.target = f"{a1} segments, entry {a2:#x}"
+        event.target = f"{a1} segments, entry {a2:#x}"
+    elif op == ProcOp.KEXEC_FILE_LOAD:  # a kernel from a file, and its command line
+        event.flags = a0
+        event.target = _readlink(fds / str(a1)) or f"fd {a1}"
+        event.args = text(rec.path2)
     elif op == ProcOp.PERF_EVENT_OPEN:
         pid = _signed32(rec.target_pid)
         event.target_pid = rec.pid if pid == 0 else pid  # 0: the caller itself

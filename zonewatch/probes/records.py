@@ -792,6 +792,7 @@ class ProcOp(enum.IntEnum):
     USERFAULTFD = 24
     KEXEC_LOAD = 25
     PERF_EVENT_OPEN = 26
+    KEXEC_FILE_LOAD = 27
 
 
 PROC_F_SPAWNED = 1  # spawned by a zone process, followed by the kernel
