@@ -290,6 +290,16 @@ def test_namespaces_left_and_joined(probe: ProcProbe, vmm: ZoneVmm) -> None:
     assert "unshare into new namespaces mnt,uts ret=0" in fired["Zone VMM created namespaces"]
 
 
+def test_clone_into_new_namespaces(probe: ProcProbe, vmm: ZoneVmm) -> None:
+    child = int(vmm.do("clone-namespaces"))
+    records = drain_until(probe, has(ProcOp.EXIT, child))
+    fork = next(e for e in vmm.events(records) if e.op == "fork" and e.pid == child)
+    # CLONE_NEWUTS | CLONE_NEWNS (the kernel keeps the exit signal apart from the flags)
+    assert (fork.namespaces, fork.flags, fork.ppid) == ("mnt,uts", 0x04020000, vmm.pid)
+    fired = rule_summaries(vmm.alerts(records))["Zone VMM created namespaces"]
+    assert f"qemu-system-x86 (pid {child}) fork into new namespaces mnt,uts ret=0" in fired
+
+
 def test_root_changes(probe: ProcProbe, vmm: ZoneVmm, tmp_path: Path) -> None:
     assert vmm.do(f"roots {tmp_path}") == "0"
     records = drain_until(probe, has(ProcOp.PIVOT_ROOT))
