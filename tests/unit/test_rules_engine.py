@@ -212,7 +212,7 @@ def test_replay_round_trips_recorded_lines(tmp_path: Path) -> None:
 def test_rules_test_passes_on_the_default_packs() -> None:
     result = zonewatch("rules", "test", "rules/")
     assert result.returncode == 0, result.stdout
-    assert " 0 failure(s), 24 rule(s)" in result.stdout
+    assert " 0 failure(s), 38 rule(s)" in result.stdout
 
 
 def test_rules_check_reports_each_error_and_exits_1(tmp_path: Path) -> None:
@@ -222,7 +222,7 @@ def test_rules_check_reports_each_error_and_exits_1(tmp_path: Path) -> None:
     lines = result.stdout.strip().splitlines()
     assert lines and all(line.startswith(f"{bad}:") for line in lines), lines
     good = zonewatch("rules", "check", "rules/")
-    assert good.returncode == 0 and good.stdout.startswith("ok: 24 rule(s)")
+    assert good.returncode == 0 and good.stdout.startswith("ok: 38 rule(s)")
 
 
 def test_rules_test_fails_on_a_failing_fixture(tmp_path: Path) -> None:
