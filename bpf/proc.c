@@ -304,7 +304,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_move_mount)
 EXIT_PROBE(move_mount)
 #endif
 
-/* ---- credentials: ids asked for, (u32)-1 where the call leaves one unchanged ---- */
+/* ---- credentials: ids asked for, (u32)-1 where the call leaves one unchanged, (u32)-2
+ * where the kernel's rules for setuid/setreuid decide (they may set the saved id, or all
+ * three): only setresuid/setresgid with real and saved -1 switch the effective id alone ---- */
 static __always_inline int ids_enter(u32 op, u32 real, u32 eff, u32 saved)
 {
 	struct zw_proc_event *e = zone_record(op);
@@ -318,17 +320,18 @@ static __always_inline int ids_enter(u32 op, u32 real, u32 eff, u32 saved)
 }
 
 #define UNCHANGED ((u32)-1)
+#define IMPLIED ((u32)-2)
 #ifdef ZW_TP_setuid
 TRACEPOINT_PROBE(syscalls, sys_enter_setuid)
 {
-	return ids_enter(ZW_PROC_SETUID, args->uid, UNCHANGED, UNCHANGED);
+	return ids_enter(ZW_PROC_SETUID, args->uid, IMPLIED, IMPLIED);
 }
 EXIT_PROBE(setuid)
 #endif
 #ifdef ZW_TP_setreuid
 TRACEPOINT_PROBE(syscalls, sys_enter_setreuid)
 {
-	return ids_enter(ZW_PROC_SETUID, args->ruid, args->euid, UNCHANGED);
+	return ids_enter(ZW_PROC_SETUID, args->ruid, args->euid, IMPLIED);
 }
 EXIT_PROBE(setreuid)
 #endif
@@ -342,14 +345,14 @@ EXIT_PROBE(setresuid)
 #ifdef ZW_TP_setgid
 TRACEPOINT_PROBE(syscalls, sys_enter_setgid)
 {
-	return ids_enter(ZW_PROC_SETGID, args->gid, UNCHANGED, UNCHANGED);
+	return ids_enter(ZW_PROC_SETGID, args->gid, IMPLIED, IMPLIED);
 }
 EXIT_PROBE(setgid)
 #endif
 #ifdef ZW_TP_setregid
 TRACEPOINT_PROBE(syscalls, sys_enter_setregid)
 {
-	return ids_enter(ZW_PROC_SETGID, args->rgid, args->egid, UNCHANGED);
+	return ids_enter(ZW_PROC_SETGID, args->rgid, args->egid, IMPLIED);
 }
 EXIT_PROBE(setregid)
 #endif

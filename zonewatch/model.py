@@ -540,6 +540,7 @@ class ProcEvent:
     flags: int = 0  # the call's flags (setns/unshare/clone: CLONE_NEW*; see docs/fields.md)
     namespaces: str = ""  # setns/unshare/fork: namespace kinds entered or made ("mnt,user")
     caps: str = ""  # capset: the effective capabilities asked for ("CAP_SYS_ADMIN,...")
+    effective_only: bool = False  # set*id: only the effective id switched (real, saved kept)
 
     channel = "proc"
 
@@ -570,6 +571,7 @@ class ProcEvent:
                 **({"flags": self.flags} if self.flags else {}),
                 **({"namespaces": self.namespaces} if self.namespaces else {}),
                 **({"caps": self.caps} if self.caps else {}),
+                **({"effective_only": True} if self.effective_only else {}),
             },
         }
 
@@ -689,6 +691,7 @@ def proc_event_from_json(obj: dict[str, Any]) -> ProcEvent:
         flags=int(p.get("flags", 0)),
         namespaces=str(p.get("namespaces", "")),
         caps=str(p.get("caps", "")),
+        effective_only=p.get("effective_only") is True,
     )
 
 

@@ -139,6 +139,26 @@ def test_spawned_shell_and_its_child_are_followed(probe: ProcProbe, vmm: ZoneVmm
     assert shell not in probe.followed()
 
 
+def test_an_effective_id_switch_is_told_from_a_credential_change(
+    probe: ProcProbe, vmm: ZoneVmm
+) -> None:
+    """setresuid(-1, id, -1), as virtiofsd does per request, is recorded as effective-only,
+    and the default credentials rule does not fire on it; setuid(0) does."""
+    vmm.do("switch-effective")
+    vmm.do("setids")
+    records = drain_until(probe, lambda rs: sum(r.op == ProcOp.SETGID for r in rs) >= 2)
+    ids = [(e.op, e.target, e.effective_only) for e in vmm.events(records) if e.pid == vmm.pid]
+    assert ids == [
+        ("setgid", "0", True),
+        ("setuid", "0", True),
+        ("setuid", "0", False),
+        ("setgid", "0", False),
+    ]
+    changed = [a for a in vmm.alerts(records) if a.rule == "Zone VMM changed its credentials"]
+    # One alert folding the two real changes; the two effective-only switches are not in it.
+    assert [a.count for a in changed] == [2]
+
+
 def test_ptrace_mount_credentials_capset_bpf(
     probe: ProcProbe, vmm: ZoneVmm, tmp_path: Path
 ) -> None:
@@ -162,6 +182,7 @@ def test_ptrace_mount_credentials_capset_bpf(
     assert evs["mount"].args == "source=zw-test type=tmpfs flags=0x0"
     assert (evs["setuid"].target, evs["setuid"].ret) == ("0", 0)
     assert (evs["setgid"].target, evs["setgid"].ret) == ("0", 0)
+    assert not evs["setuid"].effective_only and not evs["setgid"].effective_only
     assert evs["capset"].target.startswith(f"eff={caps} ")
     assert (evs["bpf"].target, evs["bpf"].ret) == ("BPF_MAP_CREATE", -22)  # EINVAL
     # The sleeper the stand-in started is followed too.

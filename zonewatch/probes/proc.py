@@ -147,7 +147,8 @@ BPF_COMMANDS = {
     36: "BPF_TOKEN_CREATE",
 }  # fmt: skip
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
-UNCHANGED_ID = 0xFFFFFFFF
+UNCHANGED_ID = 0xFFFFFFFF  # set*id: the call leaves this id as it is
+IMPLIED_ID = 0xFFFFFFFE  # setuid/setreuid: the kernel's rules decide (bpf/proc.c)
 OPEN_OPS = frozenset({"open", "create"})
 
 
@@ -266,7 +267,14 @@ def _runs_an_fd(exe: str) -> bool:
 
 
 def _ids(rec: ProcRecord) -> str:
-    return ",".join(str(i) for i in rec.arg if i != UNCHANGED_ID)
+    return ",".join(str(i) for i in rec.arg if i not in (UNCHANGED_ID, IMPLIED_ID))
+
+
+def _effective_only(rec: ProcRecord) -> bool:
+    """setresuid(-1, id, -1) (or gid): the effective id switched, real and saved kept: what
+    file servers such as virtiofsd do per request, gaining nothing the process did not hold."""
+    real, effective, saved = rec.arg
+    return real == saved == UNCHANGED_ID and effective not in (UNCHANGED_ID, IMPLIED_ID)
 
 
 def proc_event(
@@ -320,7 +328,7 @@ def proc_event(
         parts += [f"type={fstype}"] if fstype else []
         event.args = " ".join([*parts, f"flags={rec.arg[0]:#x}"])
     elif op in (ProcOp.SETUID, ProcOp.SETGID):
-        event.target = _ids(rec)
+        event.target, event.effective_only = _ids(rec), _effective_only(rec)
     elif op == ProcOp.CAPSET:
         eff, perm, inh = rec.arg
         event.target = f"eff={eff:#x} perm={perm:#x} inh={inh:#x}"

@@ -154,6 +154,9 @@ _TABLE: tuple[Field, ...] = (
           {"proc": "namespaces"}),
     Field("proc.caps", S, "capset: the effective capabilities asked for, comma-separated "
           "(CAP_SYS_ADMIN, ...)", {"proc": "caps"}),
+    Field("proc.effective_only", B, "setuid/setgid: only the effective id switched, real and "
+          "saved kept (setresuid(-1, id, -1): a file server acting for a request)",
+          {"proc": "effective_only"}),
     Field("proc.ret", N, "the call's return value; negative errno on failure", {"proc": "ret"}),
     Field("proc.spawned", B, "the process was started by a zone process (followed)",
           {"proc": "spawned"}),
