@@ -296,10 +296,9 @@ def guest_traffic(zones: Zones, pod: QemuZone, port: int, payload: bytes) -> tup
     over TCP to the pod IP (the guest's `nc -l` writes it into the share); returns ping's
     summary line and the bytes the guest received."""
     shell = zones.shells[pod.tenant]
-    got = pod.share_dir / f"got-{port}"
-    rc, output = shell.run(
-        f'nc -l -p {port} </dev/null >"$ZW_SHARE/got-{port}" 2>/dev/null &\n', timeout=30
-    )
+    got, done = pod.share_dir / f"got-{port}", pod.share_dir / f"got-{port}.rc"
+    listen = f'nc -l -p {port} </dev/null >"$ZW_SHARE/got-{port}" 2>/dev/null'
+    rc, output = shell.run(f'({listen}; echo $? >"$ZW_SHARE/got-{port}.rc") &\n', timeout=30)
     assert rc == 0, output
     ping = shell.send("ping -c 5 -i 0.2 -W 3 $ZW_HOST_IP\n")
     deadline = time.monotonic() + 30
@@ -317,9 +316,10 @@ def guest_traffic(zones: Zones, pod: QemuZone, port: int, payload: bytes) -> tup
     assert rc in (0, 1), output
     summary = next(line for line in output.splitlines() if "packets transmitted" in line)
     deadline = time.monotonic() + 30
-    while got.stat().st_size < len(payload) and time.monotonic() < deadline:
+    while not (done.exists() and done.read_text().strip()):  # nc exits at the sender's FIN
+        assert time.monotonic() < deadline, f"{pod.name}: nc -l never ended"
         time.sleep(0.05)
-    time.sleep(0.5)  # nothing more may arrive: a longer file would show a duplicate
+    assert done.read_text().strip() == "0"
     return summary, got.read_bytes()
 
 
