@@ -27,7 +27,10 @@ done
 """
 
 
-def test_agent_follows_a_kata_pods_share_under_its_namespace(tmp_path: Path, lab: Lab) -> None:
+@pytest.mark.parametrize("hooks", ["tracepoints", "uprobes"])
+def test_agent_follows_a_kata_pods_share_under_its_namespace(
+    tmp_path: Path, lab: Lab, hooks: str
+) -> None:
     (pod,) = lab.start([ZoneSpec("pod-a", "shop", WORKLOAD, index=9, layout="kata")])
     share = str(pod.share_dir)
 
@@ -42,8 +45,10 @@ def test_agent_follows_a_kata_pods_share_under_its_namespace(tmp_path: Path, lab
         ]
 
     with AgentProcess(
-        tmp_path, "--events", "--no-stats", "--share-mount", "kataShared=/mnt/share"
-    ) as agent:
+        tmp_path,
+        "--events", "--no-stats", "--share-mount", "kataShared=/mnt/share",
+        "--file-hooks", hooks,
+    ) as agent:  # fmt: skip
         agent.wait_for(lambda lines: len(created(lines)) >= 5, 60, "5 creates in the pod's share")
         lines = of_pod(agent.read())
 

@@ -24,6 +24,7 @@ from zonewatch.inventory import Inventory
 from zonewatch.inventory.platform import CriBundles
 from zonewatch.inventory.procfs import read_stat
 from zonewatch.model import Vmm, Zone
+from zonewatch.probes.uprobes import libc_path
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
@@ -190,6 +191,13 @@ def test_real_virtiofsd_with_inherited_socket_and_its_worker_are_the_zones(
         inventory.refresh()
         zone = inventory.zones[zone.id]
     assert zone.process_roots == {pod.virtiofsd.pid: str(source), worker: str(source)}
+    # The file channel's uprobes mode hooks the libc the worker maps, by a path its new
+    # root no longer holds.
+    maps = Path(f"/proc/{worker}/maps").read_text().splitlines()
+    libc_range = next(m.split()[0] for m in maps if "libc" in m and "x" in m.split()[1])
+    libc = libc_path(worker)
+    assert libc is not None
+    assert os.path.samefile(libc, f"/proc/{worker}/map_files/{libc_range}")
     assert inventory.zone_pids() == {
         pod.qemu.pid: zone.key,
         pod.virtiofsd.pid: zone.key,
