@@ -69,6 +69,10 @@ class Zones:
     def pods(self) -> tuple[QemuZone, QemuZone]:
         return self.shop, self.billing
 
+    @property
+    def all(self) -> tuple[QemuZone, QemuZone, QemuZone]:
+        return self.shop, self.billing, self.plain
+
 
 @pytest.fixture(scope="module")
 def zones(lab_assets: GuestAssets) -> Iterator[Zones]:
@@ -191,7 +195,7 @@ def test_every_channel_on_the_right_zone_and_tenant(tmp_path: Path, zones: Zones
         microvm = start_microvm(KVM, rate=200.0, unnamed_threads=True)
         wait_watching(agent, zones)
         commands = {}
-        for zone in (zones.shop, zones.billing, zones.plain):
+        for zone in zones.all:
             count, size = PINGS[zone.tenant]
             commands[zone.tenant] = zones.shells[zone.tenant].send(
                 f'echo "data of {zone.tenant}" > "$ZW_SHARE/data-{zone.tenant}.txt"\n'
@@ -203,17 +207,14 @@ def test_every_channel_on_the_right_zone_and_tenant(tmp_path: Path, zones: Zones
         outputs = {t: zones.shells[t].result(n, 60) for t, n in commands.items()}
 
         def complete(lines: list[Line]) -> bool:
-            return all(
-                len(icmp_ends(lines, z)) >= 1 for z in (zones.shop, zones.billing, zones.plain)
-            ) and any(
-                x["type"] == "stats" and x["zone"]["name"] == KVM and x["kvm"]["vcpus"] >= 1
-                for x in lines
+            return all(icmp_ends(lines, z) for z in zones.all) and any(
+                s["kvm"]["vcpus"] >= 1 for s in stats_of(lines, KVM)
             )
 
         agent.wait_for(complete, 60, "ping flows of every zone and the micro-VMM's vCPU")
         # Whole stats intervals after the flows ended: their packets are in some line.
         agent.wait_for(
-            lambda ls: sum(x["type"] == "stats" and x["zone"]["name"] == KVM for x in ls) >= 4,
+            lambda ls: len(stats_of(ls, KVM)) >= 4,
             30, "stats lines of the micro-VMM",
         )  # fmt: skip
         lines = agent.read()
@@ -228,62 +229,81 @@ def test_every_channel_on_the_right_zone_and_tenant(tmp_path: Path, zones: Zones
 
     # The two pods' taps collide as in production: same name, same ifindex.
     assert len({tap_ifindex(pod) for pod in zones.pods}) == 1
-    expected_tenant = {zone_name(z): z.tenant for z in (zones.shop, zones.billing, zones.plain)}
+    expected_tenant = {zone_name(z): z.tenant for z in zones.all}
     expected_tenant[KVM] = KVM_TENANT
     for line in lines:
         if "zone" in line and line["zone"]["name"] in expected_tenant:
             assert line["zone"]["tenant"] == expected_tenant[line["zone"]["name"]], line
-
-    # file: each guest's write through its own share, by its own share server.
-    for zone in (zones.shop, zones.billing, zones.plain):
-        path = f"/mnt/share/data-{zone.tenant}.txt"
-        touching = [
-            x for x in lines
-            if x["type"] == "event" and x["channel"] == "file" and x["file"]["path"] == path
-        ]  # fmt: skip
-        assert touching, f"no file event for {path}"
-        assert {x["zone"]["name"] for x in touching} == {zone_name(zone)}
-        assert {x["file"]["host_path"] for x in touching} == {str(zone.share_dir / path[11:])}
-        makers = {x["proc"]["pid"] for x in touching}
-        if zone.layout == "kata":  # virtiofsd serves the pod's share, not QEMU
-            assert {x["file"]["share"] for x in touching} == {"kataShared"}
-            assert makers <= set(zone.virtiofsd_pids), (makers, zone.virtiofsd_pids)
-        else:  # QEMU's own 9p server: the VMM's own file work
-            assert {x["file"]["share"] for x in touching} == {"share"}
-            assert makers == {zone.pid}
-        assert any(x["op"] == "create" for x in touching), touching
-
-    # proc: each pod's QEMU itself connected to the test's socket.
+    for zone in zones.all:
+        assert_share_write(lines, zone)
+        assert_pings(lines, zone)
     for pod in zones.pods:
-        connects = [
-            x["proc"] for x in of_zone(lines, zone_name(pod), "proc", "connect")
-            if x["proc"]["target"] == str(listener.path)
-        ]  # fmt: skip
-        assert [c["pid"] for c in connects] == [pod.pid], connects
-        others = [x for x in of_zone(lines, zone_name(pod), "proc") if x["proc"]["pid"] not in
-                  (pod.pid, *pod.virtiofsd_pids)]  # fmt: skip
-        assert not others, others[:3]
+        assert_vmm_connected(lines, pod, listener.path)
+    assert_unnamed_vcpu(lines)
 
-    # net: each zone's flows carry only its own two addresses; the pings' counts are exact.
-    for zone in (zones.shop, zones.billing, zones.plain):
-        flows = of_zone(lines, zone_name(zone), "net")
-        assert {(f["net"]["src_ip"], f["net"]["dst_ip"]) for f in flows} <= {
-            (zone.guest_ip, zone.host_ip), (zone.host_ip, zone.guest_ip)}  # fmt: skip
-        assert {f["net"]["tap"] for f in flows} == {zone.tap}
-        count, size = PINGS[zone.tenant]
-        (ping,) = icmp_ends(lines, zone)
-        assert (ping["direction"], ping["src_ip"], ping["dst_ip"]) == (
-            "egress", zone.guest_ip, zone.host_ip)  # fmt: skip
-        assert (ping["tx_packets"], ping["rx_packets"]) == (count, count), ping
-        assert ping["tx_payload"] == ping["rx_payload"] == count * size, ping
-        assert ping["tx_bytes"] == count * (size + 28), ping  # IPv4 20 + ICMP 8 each
-        stats = [x for x in lines if x["type"] == "stats" and x["zone"]["name"] == zone_name(zone)]
-        sent = sum(s["net"]["tx_packets_per_s"] * s["interval_s"] for s in stats)
-        print(f"{zone.tenant}: stats say {sent:.1f} packets sent, pings {count}")
-        assert count <= round(sent) <= count + 4, sent  # ARP aside, the pings
 
-    # kvm and sched: the micro-VMM's unnamed vCPU, its exits and its run delay.
-    kvm_stats = [x for x in lines if x["type"] == "stats" and x["zone"]["name"] == KVM]
+def stats_of(lines: list[Line], name: str) -> list[Line]:
+    return [x for x in lines if x["type"] == "stats" and x["zone"]["name"] == name]
+
+
+def assert_share_write(lines: list[Line], zone: QemuZone) -> None:
+    """file: the guest's write through its own share, made by its own share server."""
+    name = f"data-{zone.tenant}.txt"
+    path = f"/mnt/share/{name}"
+    touching = [
+        x for x in lines
+        if x["type"] == "event" and x["channel"] == "file" and x["file"]["path"] == path
+    ]  # fmt: skip
+    assert any(x["op"] == "create" for x in touching), f"no create of {path}: {touching}"
+    assert {x["zone"]["name"] for x in touching} == {zone_name(zone)}
+    assert {x["file"]["host_path"] for x in touching} == {str(zone.share_dir / name)}
+    makers = {x["proc"]["pid"] for x in touching}
+    if zone.layout == "kata":  # virtiofsd serves the pod's share, not QEMU
+        assert {x["file"]["share"] for x in touching} == {"kataShared"}
+        assert makers <= set(zone.virtiofsd_pids), (makers, zone.virtiofsd_pids)
+    else:  # QEMU's own 9p server: the VMM's own file work
+        assert {x["file"]["share"] for x in touching} == {"share"}
+        assert makers == {zone.pid}
+
+
+def assert_pings(lines: list[Line], zone: QemuZone) -> None:
+    """net: the zone's flows carry only its own two addresses; its pings' counts are exact
+    in the flow and, ARP aside, in the stats."""
+    flows = of_zone(lines, zone_name(zone), "net")
+    assert {(f["net"]["src_ip"], f["net"]["dst_ip"]) for f in flows} <= {
+        (zone.guest_ip, zone.host_ip), (zone.host_ip, zone.guest_ip)}  # fmt: skip
+    assert {f["net"]["tap"] for f in flows} == {zone.tap}
+    count, size = PINGS[zone.tenant]
+    (ping,) = icmp_ends(lines, zone)
+    assert (ping["direction"], ping["src_ip"], ping["dst_ip"]) == (
+        "egress", zone.guest_ip, zone.host_ip)  # fmt: skip
+    assert (ping["tx_packets"], ping["rx_packets"]) == (count, count), ping
+    assert ping["tx_payload"] == ping["rx_payload"] == count * size, ping
+    assert ping["tx_bytes"] == count * (size + 28), ping  # IPv4 20 + ICMP 8 each
+    stats = stats_of(lines, zone_name(zone))
+    sent = sum(s["net"]["tx_packets_per_s"] * s["interval_s"] for s in stats)
+    print(f"{zone.tenant}: stats say {sent:.1f} packets sent, pings {count}")
+    assert count <= round(sent) <= count + 4, sent
+
+
+def assert_vmm_connected(lines: list[Line], pod: QemuZone, path: Path) -> None:
+    """proc: the pod's QEMU itself connected to the test's socket, once; no process other
+    than the pod's QEMU and virtiofsd is in its proc events."""
+    connects = [
+        x["proc"] for x in of_zone(lines, zone_name(pod), "proc", "connect")
+        if x["proc"]["target"] == str(path)
+    ]  # fmt: skip
+    assert [c["pid"] for c in connects] == [pod.pid], connects
+    others = [
+        x for x in of_zone(lines, zone_name(pod), "proc")
+        if x["proc"]["pid"] not in (pod.pid, *pod.virtiofsd_pids)
+    ]  # fmt: skip
+    assert not others, others[:3]
+
+
+def assert_unnamed_vcpu(lines: list[Line]) -> None:
+    """kvm and sched: the micro-VMM's unnamed vCPU, its exits and its run delay."""
+    kvm_stats = stats_of(lines, KVM)
     known = [s for s in kvm_stats if s["kvm"]["vcpus"] >= 1]
     assert known, kvm_stats[:2]
     assert all(s["kvm"]["vcpus"] == 1 for s in known)
