@@ -4,7 +4,9 @@
  * - scheduler and task tracepoints (exec, fork, exit): they fire only on those events and
  *   cost unrelated syscalls nothing;
  * - syscall tracepoints (ptrace, mount, set*id, capset, module loads, bpf, memfd_create,
- *   connect, bind; execve entries for argv; exit_group for the status), each behind
+ *   connect, bind; the escape indicators setns, unshare, chroot, pivot_root,
+ *   open_by_handle_at, process_vm_readv/writev, pidfd_getfd, io_uring_setup, userfaultfd,
+ *   kexec_load, perf_event_open; execve entries for argv; exit_group for the status), each behind
  *   -DZW_TP_<name> set by the loader, and all of them off with --no-proc-syscalls: any
  *   syscall tracepoint moves every syscall on the host onto the traced slow path.
  *
@@ -139,6 +141,7 @@ TRACEPOINT_PROBE(task, task_newtask)
 	if (!e)
 		return 0;
 	e->target_pid = child;
+	e->arg[0] = args->clone_flags;  /* CLONE_NEW*: the child starts in new namespaces */
 	submit(e);
 	return 0;
 }
@@ -301,7 +304,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_move_mount)
 EXIT_PROBE(move_mount)
 #endif
 
-/* ---- credentials: ids asked for, (u32)-1 where the call leaves one unchanged ---- */
+/* ---- credentials: ids asked for, (u32)-1 where the call leaves one unchanged, (u32)-2
+ * where the kernel's rules for setuid/setreuid decide (they may set the saved id, or all
+ * three): only setresuid/setresgid with real and saved -1 switch the effective id alone ---- */
 static __always_inline int ids_enter(u32 op, u32 real, u32 eff, u32 saved)
 {
 	struct zw_proc_event *e = zone_record(op);
@@ -315,17 +320,18 @@ static __always_inline int ids_enter(u32 op, u32 real, u32 eff, u32 saved)
 }
 
 #define UNCHANGED ((u32)-1)
+#define IMPLIED ((u32)-2)
 #ifdef ZW_TP_setuid
 TRACEPOINT_PROBE(syscalls, sys_enter_setuid)
 {
-	return ids_enter(ZW_PROC_SETUID, args->uid, UNCHANGED, UNCHANGED);
+	return ids_enter(ZW_PROC_SETUID, args->uid, IMPLIED, IMPLIED);
 }
 EXIT_PROBE(setuid)
 #endif
 #ifdef ZW_TP_setreuid
 TRACEPOINT_PROBE(syscalls, sys_enter_setreuid)
 {
-	return ids_enter(ZW_PROC_SETUID, args->ruid, args->euid, UNCHANGED);
+	return ids_enter(ZW_PROC_SETUID, args->ruid, args->euid, IMPLIED);
 }
 EXIT_PROBE(setreuid)
 #endif
@@ -339,14 +345,14 @@ EXIT_PROBE(setresuid)
 #ifdef ZW_TP_setgid
 TRACEPOINT_PROBE(syscalls, sys_enter_setgid)
 {
-	return ids_enter(ZW_PROC_SETGID, args->gid, UNCHANGED, UNCHANGED);
+	return ids_enter(ZW_PROC_SETGID, args->gid, IMPLIED, IMPLIED);
 }
 EXIT_PROBE(setgid)
 #endif
 #ifdef ZW_TP_setregid
 TRACEPOINT_PROBE(syscalls, sys_enter_setregid)
 {
-	return ids_enter(ZW_PROC_SETGID, args->rgid, args->egid, UNCHANGED);
+	return ids_enter(ZW_PROC_SETGID, args->rgid, args->egid, IMPLIED);
 }
 EXIT_PROBE(setregid)
 #endif
@@ -480,4 +486,208 @@ TRACEPOINT_PROBE(syscalls, sys_enter_bind)
 	return sock_enter(ZW_PROC_BIND, args->umyaddr, args->addrlen);
 }
 EXIT_PROBE(bind)
+#endif
+
+/* ---- escape indicators: namespaces, roots, other processes, kernel interfaces ----
+ * Each records the attempt at the call's entry and emits it with the return at its exit:
+ * an EPERM or ENOSYS is as telling as a success. */
+
+#ifdef ZW_TP_setns
+TRACEPOINT_PROBE(syscalls, sys_enter_setns)
+{
+	struct zw_proc_event *e = zone_record(ZW_PROC_SETNS);
+	if (!e)
+		return 0;
+	e->arg[0] = (u32)args->flags;
+	e->arg[1] = (u32)args->fd;
+	stash(e);
+	return 0;
+}
+EXIT_PROBE(setns)
+#endif
+
+#ifdef ZW_TP_unshare
+TRACEPOINT_PROBE(syscalls, sys_enter_unshare)
+{
+	struct zw_proc_event *e = zone_record(ZW_PROC_UNSHARE);
+	if (!e)
+		return 0;
+	e->arg[0] = args->unshare_flags;
+	stash(e);
+	return 0;
+}
+EXIT_PROBE(unshare)
+#endif
+
+#ifdef ZW_TP_chroot
+TRACEPOINT_PROBE(syscalls, sys_enter_chroot)
+{
+	struct zw_proc_event *e = zone_record(ZW_PROC_CHROOT);
+	if (!e)
+		return 0;
+	bpf_probe_read_user_str(e->path, sizeof(e->path), args->filename);
+	stash(e);
+	return 0;
+}
+EXIT_PROBE(chroot)
+#endif
+
+#ifdef ZW_TP_pivot_root
+TRACEPOINT_PROBE(syscalls, sys_enter_pivot_root)
+{
+	struct zw_proc_event *e = zone_record(ZW_PROC_PIVOT_ROOT);
+	if (!e)
+		return 0;
+	bpf_probe_read_user_str(e->path, sizeof(e->path), args->new_root);
+	bpf_probe_read_user_str(e->path2, sizeof(e->path2), args->put_old);
+	stash(e);
+	return 0;
+}
+EXIT_PROBE(pivot_root)
+#endif
+
+#ifdef ZW_TP_open_by_handle_at
+TRACEPOINT_PROBE(syscalls, sys_enter_open_by_handle_at)
+{
+	struct zw_proc_event *e = zone_record(ZW_PROC_OPEN_BY_HANDLE);
+	if (!e)
+		return 0;
+	/* struct file_handle starts with u32 handle_bytes, int handle_type (uapi fcntl.h). */
+	u32 head[2] = {};
+	if (args->handle)
+		bpf_probe_read_user(&head, sizeof(head), (void *)args->handle);
+	e->arg[0] = (u32)args->flags;
+	e->arg[1] = (u32)args->mountdirfd;
+	e->arg[2] = ((u64)head[1] << 32) | head[0];
+	stash(e);
+	return 0;
+}
+EXIT_PROBE(open_by_handle_at)
+#endif
+
+static __always_inline int process_vm_enter(u32 op, u32 pid, u64 liovcnt, u64 riovcnt,
+					    u64 flags)
+{
+	struct zw_proc_event *e = zone_record(op);
+	if (!e)
+		return 0;
+	e->target_pid = pid;
+	e->arg[0] = liovcnt;
+	e->arg[1] = riovcnt;
+	e->arg[2] = flags;
+	stash(e);
+	return 0;
+}
+
+#ifdef ZW_TP_process_vm_readv
+TRACEPOINT_PROBE(syscalls, sys_enter_process_vm_readv)
+{
+	return process_vm_enter(ZW_PROC_PROCESS_VM_READV, args->pid, args->liovcnt,
+				args->riovcnt, args->flags);
+}
+EXIT_PROBE(process_vm_readv)
+#endif
+#ifdef ZW_TP_process_vm_writev
+TRACEPOINT_PROBE(syscalls, sys_enter_process_vm_writev)
+{
+	return process_vm_enter(ZW_PROC_PROCESS_VM_WRITEV, args->pid, args->liovcnt,
+				args->riovcnt, args->flags);
+}
+EXIT_PROBE(process_vm_writev)
+#endif
+
+#ifdef ZW_TP_pidfd_getfd
+TRACEPOINT_PROBE(syscalls, sys_enter_pidfd_getfd)
+{
+	struct zw_proc_event *e = zone_record(ZW_PROC_PIDFD_GETFD);
+	if (!e)
+		return 0;
+	e->arg[0] = (u32)args->pidfd;
+	e->arg[1] = (u32)args->fd;
+	e->arg[2] = args->flags;
+	stash(e);
+	return 0;
+}
+EXIT_PROBE(pidfd_getfd)
+#endif
+
+#ifdef ZW_TP_io_uring_setup
+TRACEPOINT_PROBE(syscalls, sys_enter_io_uring_setup)
+{
+	struct zw_proc_event *e = zone_record(ZW_PROC_IO_URING_SETUP);
+	if (!e)
+		return 0;
+	/* struct io_uring_params: u32 sq_entries, cq_entries, flags, ... (uapi io_uring.h) */
+	u32 params[3] = {};
+	if (args->params)
+		bpf_probe_read_user(&params, sizeof(params), (void *)args->params);
+	e->arg[0] = args->entries;
+	e->arg[1] = params[2];
+	stash(e);
+	return 0;
+}
+EXIT_PROBE(io_uring_setup)
+#endif
+
+#ifdef ZW_TP_userfaultfd
+TRACEPOINT_PROBE(syscalls, sys_enter_userfaultfd)
+{
+	struct zw_proc_event *e = zone_record(ZW_PROC_USERFAULTFD);
+	if (!e)
+		return 0;
+	e->arg[0] = (u32)args->flags;
+	stash(e);
+	return 0;
+}
+EXIT_PROBE(userfaultfd)
+#endif
+
+#ifdef ZW_TP_kexec_load
+TRACEPOINT_PROBE(syscalls, sys_enter_kexec_load)
+{
+	struct zw_proc_event *e = zone_record(ZW_PROC_KEXEC_LOAD);
+	if (!e)
+		return 0;
+	e->arg[0] = args->flags;
+	e->arg[1] = args->nr_segments;
+	e->arg[2] = args->entry;
+	stash(e);
+	return 0;
+}
+EXIT_PROBE(kexec_load)
+#endif
+#ifdef ZW_TP_kexec_file_load
+TRACEPOINT_PROBE(syscalls, sys_enter_kexec_file_load)
+{
+	struct zw_proc_event *e = zone_record(ZW_PROC_KEXEC_FILE_LOAD);
+	if (!e)
+		return 0;
+	e->arg[0] = args->flags;
+	e->arg[1] = (u32)args->kernel_fd;
+	if (args->cmdline_ptr)
+		bpf_probe_read_user_str(e->path2, sizeof(e->path2), args->cmdline_ptr);
+	stash(e);
+	return 0;
+}
+EXIT_PROBE(kexec_file_load)
+#endif
+
+#ifdef ZW_TP_perf_event_open
+TRACEPOINT_PROBE(syscalls, sys_enter_perf_event_open)
+{
+	struct zw_proc_event *e = zone_record(ZW_PROC_PERF_EVENT_OPEN);
+	if (!e)
+		return 0;
+	/* struct perf_event_attr: u32 type, u32 size, u64 config, ... (uapi perf_event.h) */
+	u64 attr[2] = {};
+	if (args->attr_uptr)
+		bpf_probe_read_user(&attr, sizeof(attr), (void *)args->attr_uptr);
+	e->target_pid = (u32)args->pid;
+	e->arg[0] = (u32)attr[0];
+	e->arg[1] = attr[1];
+	e->arg[2] = args->flags;
+	stash(e);
+	return 0;
+}
+EXIT_PROBE(perf_event_open)
 #endif

@@ -350,7 +350,8 @@ struct zw_net_event {
 
 enum zw_proc_op {
 	ZW_PROC_EXEC = 1,        /* path: the file run; args: argv when the execve entry was seen */
-	ZW_PROC_FORK = 2,        /* target_pid: the new process (threads are not reported) */
+	ZW_PROC_FORK = 2,        /* target_pid: the new process (threads are not reported);
+				    arg[0]: clone flags (CLONE_NEW*: new namespaces) */
 	ZW_PROC_EXIT = 3,        /* ret: the exit_group status (0 when the entry was not seen) */
 	ZW_PROC_PTRACE = 4,      /* target_pid: pid; arg[0]: request */
 	ZW_PROC_MOUNT = 5,       /* path: mount point; path2: source; args: fstype; arg[0]: flags */
@@ -365,6 +366,23 @@ enum zw_proc_op {
 				    path: AF_UNIX path (a leading NUL: abstract) */
 	ZW_PROC_BIND = 13,       /* as connect */
 	ZW_PROC_MOVE_MOUNT = 14, /* path: target path; path2: source path */
+	/* Escape indicators: each is an attempt, recorded at the call's entry with its return. */
+	ZW_PROC_SETNS = 15,      /* arg[0]: nstype (CLONE_NEW* or 0); arg[1]: the fd */
+	ZW_PROC_UNSHARE = 16,    /* arg[0]: unshare flags (CLONE_NEW* ...) */
+	ZW_PROC_CHROOT = 17,     /* path: the new root */
+	ZW_PROC_PIVOT_ROOT = 18, /* path: new_root; path2: put_old */
+	ZW_PROC_OPEN_BY_HANDLE = 19, /* arg[0]: open flags; arg[1]: mount fd;
+					arg[2]: handle_type << 32 | handle_bytes */
+	ZW_PROC_PROCESS_VM_READV = 20,  /* target_pid: pid; arg[0]: local iovecs;
+					   arg[1]: remote iovecs; arg[2]: flags; ret: bytes */
+	ZW_PROC_PROCESS_VM_WRITEV = 21, /* as process_vm_readv */
+	ZW_PROC_PIDFD_GETFD = 22,   /* arg[0]: the pidfd; arg[1]: the fd taken; arg[2]: flags */
+	ZW_PROC_IO_URING_SETUP = 23, /* arg[0]: entries; arg[1]: io_uring_params.flags */
+	ZW_PROC_USERFAULTFD = 24,   /* arg[0]: flags */
+	ZW_PROC_KEXEC_LOAD = 25,    /* arg[0]: flags; arg[1]: segments; arg[2]: entry */
+	ZW_PROC_PERF_EVENT_OPEN = 26, /* target_pid: pid (-1: any); arg[0]: attr.type;
+					 arg[1]: attr.config; arg[2]: flags */
+	ZW_PROC_KEXEC_FILE_LOAD = 27, /* arg[0]: flags; arg[1]: kernel fd; path2: command line */
 };
 
 #define ZW_PROC_F_SPAWNED 1  /* the process was spawned by a zone process (followed) */
@@ -375,7 +393,7 @@ struct zw_proc_event {
 	__u32 flags;         /* ZW_PROC_F_* */
 	__s64 ret;           /* the call's return (-errno), or the exit status */
 	__u32 ppid;          /* the parent's tgid when the kernel followed the fork, else 0 */
-	__u32 target_pid;    /* fork: the child; ptrace: the traced pid */
+	__u32 target_pid;    /* fork: the child; ptrace, process_vm_*, perf_event_open: the pid */
 	__u64 arg[3];        /* see enum zw_proc_op; unused ones are zero */
 	__u8 addr[16];       /* connect/bind: the address (4 bytes for IPv4) */
 	__u32 args_len;      /* bytes of `args` filled */

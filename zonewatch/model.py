@@ -115,6 +115,9 @@ class Zone:
     helper_pids: tuple[int, ...] = ()  # backend processes acting for the zone (virtiofsd)
     labels: dict[str, str] = field(default_factory=dict)
     netns: NetNs | None = None  # where its taps are; None: unknown, taken as the agent's own
+    # Zone processes whose "/" is not the host's: pid -> the host directory it is (a jail;
+    # the folder QEMU's virtiofsd pivoted into). Their paths are relative to it.
+    process_roots: dict[int, str] = field(default_factory=dict)
 
     @property
     def ref(self) -> ZoneRef:
@@ -533,6 +536,11 @@ class ProcEvent:
     spawned: bool = False  # a process a zone process started (followed by the kernel)
     sock_addr: str = ""  # connect/bind: the IPv4/IPv6 address ("" for other families)
     sock_port: int = 0  # connect/bind: the port
+    target_pid: int = 0  # the other process acted on (ptrace, process_vm_*, pidfd_getfd, ...)
+    flags: int = 0  # the call's flags (setns/unshare/clone: CLONE_NEW*; see docs/fields.md)
+    namespaces: str = ""  # setns/unshare/fork: namespace kinds entered or made ("mnt,user")
+    caps: str = ""  # capset: the effective capabilities asked for ("CAP_SYS_ADMIN,...")
+    effective_only: bool = False  # set*id: only the effective id switched (real, saved kept)
 
     channel = "proc"
 
@@ -559,6 +567,11 @@ class ProcEvent:
                     if self.sock_addr
                     else {}
                 ),
+                **({"target_pid": self.target_pid} if self.target_pid else {}),
+                **({"flags": self.flags} if self.flags else {}),
+                **({"namespaces": self.namespaces} if self.namespaces else {}),
+                **({"caps": self.caps} if self.caps else {}),
+                **({"effective_only": True} if self.effective_only else {}),
             },
         }
 
@@ -674,6 +687,11 @@ def proc_event_from_json(obj: dict[str, Any]) -> ProcEvent:
         spawned=bool(p.get("spawned", False)),
         sock_addr=str(p.get("sock_addr", "")),
         sock_port=int(p.get("sock_port", 0)),
+        target_pid=int(p.get("target_pid", 0)),
+        flags=int(p.get("flags", 0)),
+        namespaces=str(p.get("namespaces", "")),
+        caps=str(p.get("caps", "")),
+        effective_only=p.get("effective_only") is True,
     )
 
 

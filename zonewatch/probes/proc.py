@@ -2,8 +2,11 @@
 
 Exec, fork and exit come from scheduler/task tracepoints, which cost unrelated syscalls
 nothing. The rest (ptrace, mount, set*id, capset, module loads, bpf, memfd_create, connect,
-bind, and execve's argv) needs syscall tracepoints, which put every syscall on the host on
-the traced slow path: `syscalls=False` (`zonewatch run --no-proc-syscalls`) leaves them out.
+bind, the escape indicators setns, unshare, chroot, pivot_root, open_by_handle_at,
+process_vm_readv/writev, pidfd_getfd, io_uring_setup, userfaultfd, kexec_load and
+perf_event_open, and execve's argv) needs syscall tracepoints, which put every syscall on the
+host on the traced slow path: `syscalls=False` (`zonewatch run --no-proc-syscalls`) leaves
+them out.
 
 Processes a zone process spawns are followed by the kernel (added to its filter at fork,
 dropped at exit) and marked `spawned`. Opens outside a zone's shares come from the file
@@ -46,6 +49,9 @@ PROC_SYSCALLS = (
     "execve", "execveat", "ptrace", "mount", "move_mount",
     "setuid", "setreuid", "setresuid", "setgid", "setregid", "setresgid", "capset",
     "init_module", "finit_module", "bpf", "memfd_create", "connect", "bind",
+    "setns", "unshare", "chroot", "pivot_root", "open_by_handle_at", "process_vm_readv",
+    "process_vm_writev", "pidfd_getfd", "io_uring_setup", "userfaultfd", "kexec_load",
+    "kexec_file_load", "perf_event_open",
 )  # fmt: skip
 # The tracepoints of the cheap half: without them there is no proc channel at all.
 BASE_TRACEPOINTS = (
@@ -68,7 +74,54 @@ OP_NAMES = {
     ProcOp.MEMFD: "memfd_create",
     ProcOp.CONNECT: "connect",
     ProcOp.BIND: "bind",
+    ProcOp.SETNS: "setns",
+    ProcOp.UNSHARE: "unshare",
+    ProcOp.CHROOT: "chroot",
+    ProcOp.PIVOT_ROOT: "pivot_root",
+    ProcOp.OPEN_BY_HANDLE: "open_by_handle_at",
+    ProcOp.PROCESS_VM_READV: "process_vm_readv",
+    ProcOp.PROCESS_VM_WRITEV: "process_vm_writev",
+    ProcOp.PIDFD_GETFD: "pidfd_getfd",
+    ProcOp.IO_URING_SETUP: "io_uring_setup",
+    ProcOp.USERFAULTFD: "userfaultfd",
+    ProcOp.KEXEC_LOAD: "kexec_load",
+    ProcOp.PERF_EVENT_OPEN: "perf_event_open",
+    ProcOp.KEXEC_FILE_LOAD: "kexec_load",
 }
+# include/uapi/linux/sched.h CLONE_NEW*, named as lsns(8) and /proc/PID/ns name them.
+NAMESPACE_FLAGS = {
+    0x00000080: "time", 0x00020000: "mnt", 0x02000000: "cgroup", 0x04000000: "uts",
+    0x08000000: "ipc", 0x10000000: "user", 0x20000000: "pid", 0x40000000: "net",
+}  # fmt: skip
+CLONE_NEW_ANY = sum(NAMESPACE_FLAGS)
+# include/uapi/linux/capability.h: CAP_* by bit number.
+CAPABILITIES = {
+    0: "CAP_CHOWN", 1: "CAP_DAC_OVERRIDE", 2: "CAP_DAC_READ_SEARCH", 3: "CAP_FOWNER",
+    4: "CAP_FSETID", 5: "CAP_KILL", 6: "CAP_SETGID", 7: "CAP_SETUID", 8: "CAP_SETPCAP",
+    9: "CAP_LINUX_IMMUTABLE", 10: "CAP_NET_BIND_SERVICE", 11: "CAP_NET_BROADCAST",
+    12: "CAP_NET_ADMIN", 13: "CAP_NET_RAW", 14: "CAP_IPC_LOCK", 15: "CAP_IPC_OWNER",
+    16: "CAP_SYS_MODULE", 17: "CAP_SYS_RAWIO", 18: "CAP_SYS_CHROOT", 19: "CAP_SYS_PTRACE",
+    20: "CAP_SYS_PACCT", 21: "CAP_SYS_ADMIN", 22: "CAP_SYS_BOOT", 23: "CAP_SYS_NICE",
+    24: "CAP_SYS_RESOURCE", 25: "CAP_SYS_TIME", 26: "CAP_SYS_TTY_CONFIG", 27: "CAP_MKNOD",
+    28: "CAP_LEASE", 29: "CAP_AUDIT_WRITE", 30: "CAP_AUDIT_CONTROL", 31: "CAP_SETFCAP",
+    32: "CAP_MAC_OVERRIDE", 33: "CAP_MAC_ADMIN", 34: "CAP_SYSLOG", 35: "CAP_WAKE_ALARM",
+    36: "CAP_BLOCK_SUSPEND", 37: "CAP_AUDIT_READ", 38: "CAP_PERFMON", 39: "CAP_BPF",
+    40: "CAP_CHECKPOINT_RESTORE",
+}  # fmt: skip
+# include/uapi/linux/perf_event.h enum perf_type_id; PMUs past these have dynamic types
+# (kprobe, uprobe, msr, ...), named in /sys/bus/event_source/devices/*/type.
+PERF_TYPES = {
+    0: "hardware", 1: "software", 2: "tracepoint", 3: "hw_cache", 4: "raw", 5: "breakpoint",
+}  # fmt: skip
+EVENT_SOURCES = Path("/sys/bus/event_source/devices")
+# include/uapi/linux/io_uring.h IORING_SETUP_*.
+IORING_SETUP_FLAGS = {
+    1 << 0: "IOPOLL", 1 << 1: "SQPOLL", 1 << 2: "SQ_AFF", 1 << 3: "CQSIZE", 1 << 4: "CLAMP",
+    1 << 5: "ATTACH_WQ", 1 << 6: "R_DISABLED", 1 << 7: "SUBMIT_ALL", 1 << 8: "COOP_TASKRUN",
+    1 << 9: "TASKRUN_FLAG", 1 << 10: "SQE128", 1 << 11: "CQE32", 1 << 12: "SINGLE_ISSUER",
+    1 << 13: "DEFER_TASKRUN", 1 << 14: "NO_MMAP", 1 << 15: "REGISTERED_FD_ONLY",
+    1 << 16: "NO_SQARRAY",
+}  # fmt: skip
 # Keyed by the code (never a positional table): include/uapi/linux/ptrace.h.
 PTRACE_REQUESTS = {
     0: "PTRACE_TRACEME", 1: "PTRACE_PEEKTEXT", 2: "PTRACE_PEEKDATA", 3: "PTRACE_PEEKUSR",
@@ -94,7 +147,8 @@ BPF_COMMANDS = {
     36: "BPF_TOKEN_CREATE",
 }  # fmt: skip
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
-UNCHANGED_ID = 0xFFFFFFFF
+UNCHANGED_ID = 0xFFFFFFFF  # set*id: the call leaves this id as it is
+IMPLIED_ID = 0xFFFFFFFE  # setuid/setreuid: the kernel's rules decide (bpf/proc.c)
 OPEN_OPS = frozenset({"open", "create"})
 
 
@@ -162,8 +216,65 @@ def _sockaddr(rec: ProcRecord) -> str:
     return f"family {family}"
 
 
+def _flag_names(flags: int, names: Mapping[int, str]) -> str:
+    """The names of the bits of `flags` that `names` knows, comma-separated, in bit order."""
+    return ",".join(name for bit, name in sorted(names.items()) if flags & bit)
+
+
+def _cap_names(caps: int) -> str:
+    return ",".join(name for bit, name in sorted(CAPABILITIES.items()) if caps >> bit & 1)
+
+
+def _fd_pid(proc: Path, pid: int, fd: int) -> int:
+    """The pid a pidfd refers to (its fdinfo's `Pid:` line); 0 when closed or not a pidfd."""
+    try:
+        info = (proc / str(pid) / "fdinfo" / str(fd)).read_bytes()
+    except OSError:
+        return 0
+    for line in info.splitlines():
+        if line.startswith(b"Pid:"):
+            value = line[4:].strip()
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def _pid_name(proc: Path, pid: int) -> str:
+    comm = _comm(proc, pid)
+    return f"{pid} ({comm})" if comm else str(pid)
+
+
+def _perf_type(kind: int, sources: Path = EVENT_SOURCES) -> str:
+    if kind in PERF_TYPES:
+        return PERF_TYPES[kind]
+    with contextlib.suppress(OSError):
+        for source in sources.iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                if int((source / "type").read_text()) == kind:
+                    return source.name
+    return f"type {kind}"
+
+
+def _signed32(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _runs_an_fd(exe: str) -> bool:
+    """exec of an open fd: /dev/fd/N (fexecve, execveat AT_EMPTY_PATH) or /proc/*/fd/N."""
+    if exe.startswith("/dev/fd/"):
+        return True
+    parts = exe.split("/")
+    return len(parts) == 5 and parts[1] == "proc" and parts[3] == "fd"
+
+
 def _ids(rec: ProcRecord) -> str:
-    return ",".join(str(i) for i in rec.arg if i != UNCHANGED_ID)
+    return ",".join(str(i) for i in rec.arg if i not in (UNCHANGED_ID, IMPLIED_ID))
+
+
+def _effective_only(rec: ProcRecord) -> bool:
+    """setresuid(-1, id, -1) (or gid): the effective id switched, real and saved kept: what
+    file servers such as virtiofsd do per request, gaining nothing the process did not hold."""
+    real, effective, saved = rec.arg
+    return real == saved == UNCHANGED_ID and effective not in (UNCHANGED_ID, IMPLIED_ID)
 
 
 def proc_event(
@@ -192,7 +303,7 @@ def proc_event(
     if op == ProcOp.EXEC:
         event.exe = text(c_string(rec.path))
         event.args = " ".join(_nul_list(rec.args)) or _cmdline(proc, rec.pid)
-        if event.exe.startswith("/dev/fd/"):
+        if _runs_an_fd(event.exe):
             # exec of an fd (fexecve of a memfd: code that never was a file) names the file.
             event.target = _readlink(proc / str(rec.pid) / "exe")
         if not event.ppid:
@@ -205,9 +316,10 @@ def proc_event(
         event.ppid, event.pcomm = rec.pid, event.comm
         event.exe = _readlink(proc / str(rec.pid) / "exe")
         event.spawned = True
+        _new_namespaces(event, rec.arg[0])
     elif op == ProcOp.PTRACE:
-        comm = _comm(proc, rec.target_pid)
-        event.target = f"{rec.target_pid} ({comm})" if comm else str(rec.target_pid)
+        event.target_pid = rec.target_pid
+        event.target = _pid_name(proc, rec.target_pid)
         event.args = PTRACE_REQUESTS.get(rec.arg[0], f"request {rec.arg[0]:#x}")
     elif op in (ProcOp.MOUNT, ProcOp.MOVE_MOUNT):
         event.target = text(c_string(rec.path))
@@ -216,10 +328,11 @@ def proc_event(
         parts += [f"type={fstype}"] if fstype else []
         event.args = " ".join([*parts, f"flags={rec.arg[0]:#x}"])
     elif op in (ProcOp.SETUID, ProcOp.SETGID):
-        event.target = _ids(rec)
+        event.target, event.effective_only = _ids(rec), _effective_only(rec)
     elif op == ProcOp.CAPSET:
         eff, perm, inh = rec.arg
         event.target = f"eff={eff:#x} perm={perm:#x} inh={inh:#x}"
+        event.caps = _cap_names(eff)
     elif op == ProcOp.MODULE_LOAD:
         if rec.arg[0]:  # init_module: an image from memory, no file
             event.target = f"init_module ({rec.arg[0]} bytes)"
@@ -235,7 +348,77 @@ def proc_event(
         event.target = _sockaddr(rec)
         event.sock_addr = _sock_ip(rec)
         event.sock_port = rec.arg[1] if event.sock_addr else 0
+    elif op in ESCAPE_OPS:
+        _escape_details(event, rec, proc)
     return event
+
+
+ESCAPE_OPS = frozenset({
+    ProcOp.SETNS, ProcOp.UNSHARE, ProcOp.CHROOT, ProcOp.PIVOT_ROOT, ProcOp.OPEN_BY_HANDLE,
+    ProcOp.PROCESS_VM_READV, ProcOp.PROCESS_VM_WRITEV, ProcOp.PIDFD_GETFD,
+    ProcOp.IO_URING_SETUP, ProcOp.USERFAULTFD, ProcOp.KEXEC_LOAD, ProcOp.KEXEC_FILE_LOAD,
+    ProcOp.PERF_EVENT_OPEN,
+})  # fmt: skip
+
+
+def _new_namespaces(event: ProcEvent, clone_flags: int) -> None:
+    """A fork into new namespaces (clone with CLONE_NEW*) is unshare's twin: say so."""
+    if clone_flags & CLONE_NEW_ANY:
+        event.flags = clone_flags
+        event.namespaces = _flag_names(clone_flags, NAMESPACE_FLAGS)
+
+
+def _escape_details(event: ProcEvent, rec: ProcRecord, proc: Path) -> None:
+    """What an escape-indicator call acted on (see enum zw_proc_op in bpf/zonewatch.h).
+    Fds are named through /proc after the fact: a closed one is named by its number."""
+    op, (a0, a1, a2) = rec.op, rec.arg
+    fds = proc / str(rec.pid) / "fd"
+    if op in (ProcOp.SETNS, ProcOp.UNSHARE):
+        _new_namespaces(event, a0)
+        event.flags = a0
+        if op == ProcOp.SETNS:
+            # "net:[4026531840]" names the namespace; a pidfd is "anon_inode:[pidfd]".
+            event.target = _readlink(fds / str(a1)) or f"fd {a1}"
+            if not event.namespaces and ":[" in event.target:
+                event.namespaces = event.target.partition(":")[0]
+    elif op in (ProcOp.CHROOT, ProcOp.PIVOT_ROOT):
+        event.target = text(c_string(rec.path))
+        if op == ProcOp.PIVOT_ROOT:
+            event.args = f"put_old={text(rec.path2)}"
+    elif op == ProcOp.OPEN_BY_HANDLE:
+        event.flags = a0
+        event.target = _readlink(fds / str(a1)) or f"fd {_signed32(a1)}"
+        event.args = f"handle_type={_signed32(a2 >> 32)} handle_bytes={a2 & 0xFFFFFFFF}"
+    elif op in (ProcOp.PROCESS_VM_READV, ProcOp.PROCESS_VM_WRITEV):
+        event.target_pid = rec.target_pid
+        event.target = _pid_name(proc, rec.target_pid)
+        event.flags = a2
+        event.args = f"local_iov={a0} remote_iov={a1}"
+    elif op == ProcOp.PIDFD_GETFD:
+        event.target_pid = _fd_pid(proc, rec.pid, a0)
+        owner = _pid_name(proc, event.target_pid) if event.target_pid else f"pidfd {a0}"
+        event.target = f"{owner} fd {a1}"
+        event.flags = a2
+        event.args = f"pidfd={a0} fd={a1}"
+    elif op == ProcOp.IO_URING_SETUP:
+        event.flags = a1
+        names = _flag_names(a1, IORING_SETUP_FLAGS)
+        event.args = f"entries={a0} flags={a1:#x}" + (f" ({names})" if names else "")
+    elif op == ProcOp.USERFAULTFD:
+        event.flags = a0
+    elif op == ProcOp.KEXEC_LOAD:
+        event.flags = a0
+        event.target = f"{a1} segments, entry {a2:#x}"
+    elif op == ProcOp.KEXEC_FILE_LOAD:  # a kernel from a file, and its command line
+        event.flags = a0
+        event.target = _readlink(fds / str(a1)) or f"fd {a1}"
+        event.args = text(rec.path2)
+    elif op == ProcOp.PERF_EVENT_OPEN:
+        pid = _signed32(rec.target_pid)
+        event.target_pid = rec.pid if pid == 0 else pid  # 0: the caller itself
+        event.target = _perf_type(a0)
+        event.flags = a2
+        event.args = f"type={a0} config={a1:#x} pid={pid}"
 
 
 def outside_share_event(event: FileEvent) -> ProcEvent | None:

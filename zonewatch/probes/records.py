@@ -795,6 +795,19 @@ class ProcOp(enum.IntEnum):
     CONNECT = 12
     BIND = 13
     MOVE_MOUNT = 14
+    SETNS = 15
+    UNSHARE = 16
+    CHROOT = 17
+    PIVOT_ROOT = 18
+    OPEN_BY_HANDLE = 19
+    PROCESS_VM_READV = 20
+    PROCESS_VM_WRITEV = 21
+    PIDFD_GETFD = 22
+    IO_URING_SETUP = 23
+    USERFAULTFD = 24
+    KEXEC_LOAD = 25
+    PERF_EVENT_OPEN = 26
+    KEXEC_FILE_LOAD = 27
 
 
 PROC_F_SPAWNED = 1  # spawned by a zone process, followed by the kernel

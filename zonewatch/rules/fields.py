@@ -137,8 +137,26 @@ _TABLE: tuple[Field, ...] = (
           {"proc": "pcomm"}),
     Field("proc.exe", S, "executable path (exec)", {"proc": "exe"}),
     Field("proc.args", S, "command line, space-separated (exec)", {"proc": "args"}),
-    Field("proc.target", S, "what the call acted on: host path (open_outside_share, mount), "
-          "module name, ptrace target", {"proc": "target"}),
+    Field("proc.target", S, "what the call acted on: host path (open_outside_share, mount, "
+          "chroot, pivot_root), module name, \"pid (comm)\" (ptrace, process_vm_*, "
+          "pidfd_getfd), namespace (setns: net:[4026531840]; \"fd N\" when the caller "
+          "closed it first), open_by_handle_at's mount, perf event type (perf_event_open: "
+          "hardware, software, tracepoint, kprobe, ...)",
+          {"proc": "target"}),
+    Field("proc.target_pid", N, "the other process acted on: ptrace, process_vm_readv/writev, "
+          "pidfd_getfd (0 when its pidfd was gone), perf_event_open (-1: every process)",
+          {"proc": "target_pid"}),
+    Field("proc.flags", N, "the call's flags: setns/unshare/fork CLONE_NEW*, "
+          "open_by_handle_at open flags, io_uring_setup params flags, userfaultfd, kexec, "
+          "perf_event_open flags", {"proc": "flags"}),
+    Field("proc.namespaces", S, "setns/unshare/fork: namespace kinds entered or created, "
+          "comma-separated (mnt, uts, ipc, user, pid, net, cgroup, time)",
+          {"proc": "namespaces"}),
+    Field("proc.caps", S, "capset: the effective capabilities asked for, comma-separated "
+          "(CAP_SYS_ADMIN, ...)", {"proc": "caps"}),
+    Field("proc.effective_only", B, "setuid/setgid: only the effective id switched, real and "
+          "saved kept (setresuid(-1, id, -1): a file server acting for a request)",
+          {"proc": "effective_only"}),
     Field("proc.ret", N, "the call's return value; negative errno on failure", {"proc": "ret"}),
     Field("proc.spawned", B, "the process was started by a zone process (followed)",
           {"proc": "spawned"}),
