@@ -77,6 +77,8 @@ def test_a_pod_the_agent_cannot_enter_is_reported_and_the_others_still_watched(
     assert (
         f"tap0_kata in netns {full[pod.pid]['netns']}" in full[pod.pid]["coverage"]["net"]["detail"]
     )
+    assert full[pod.pid]["coverage"]["file"]["state"] == "seen"  # its virtiofsd found
+    assert full[pod.pid]["coverage"]["sched"]["reason"] == "no_vcpu"  # TCG: never KVM_RUN
     # Without CAP_SYS_ADMIN: the pod's net channel is blind, with the reason; plain's is not.
     limited = zones_json(*NO_SYS_ADMIN)
     net = limited[pod.pid]["coverage"]["net"]
