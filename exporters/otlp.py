@@ -22,7 +22,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -47,6 +47,7 @@ from zonewatch.exporters import attack
 from zonewatch.exporters.base import JsonRecord
 from zonewatch.exporters.identity import rule_uid
 from zonewatch.exporters.otel_env import SignalTarget, signal_targets
+from zonewatch.inventory.platform import OTEL_K8S_ATTRIBUTES
 from zonewatch.model import Alert, Severity, Zone, ZoneStats, utf8_all, utf8_text
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,15 @@ def _attr_value(value: Any) -> Any:
     return str(value)
 
 
-def alert_attributes(alert: Alert) -> dict[str, Any]:
+def zone_label_attributes(labels: Mapping[str, str]) -> dict[str, str]:
+    """A zone's platform labels as OTel's Kubernetes attributes (k8s.namespace.name, ...)."""
+    return {OTEL_K8S_ATTRIBUTES[k]: v for k, v in labels.items() if k in OTEL_K8S_ATTRIBUTES}
+
+
+def alert_attributes(alert: Alert, zone_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
     z = alert.zone
     attrs = rule_attributes(alert)
+    attrs.update(zone_label_attributes(zone_labels or {}))
     attrs.update(
         {
             "zonewatch.zone.id": z.id,
@@ -359,6 +366,7 @@ class OtlpSink:
         self.logger = self.logger_provider.get_logger(SCOPE, __version__)
         meter = self.meter_provider.get_meter(SCOPE, __version__)
         self._stats: dict[str, ZoneStats] = {}
+        self._zone_labels: dict[str, dict[str, str]] = {}  # zone id -> its labels (k8s.*)
         self._alerts = meter.create_counter(
             "zonewatch.alerts", unit="{alert}", description="Alerts raised, by zone and rule"
         )
@@ -403,6 +411,7 @@ class OtlpSink:
     def set_zones(self, zones: Sequence[Zone]) -> None:
         live = {z.id for z in zones}
         self._stats = {k: v for k, v in self._stats.items() if k in live}
+        self._zone_labels = {z.id: z.labels for z in zones if z.labels}
 
     # -- alerts -------------------------------------------------------------------------------
 
@@ -412,7 +421,7 @@ class OtlpSink:
                 self.emit_alert(record)
 
     def emit_alert(self, alert: Alert) -> None:
-        attrs = alert_attributes(alert)
+        attrs = alert_attributes(alert, self._zone_labels.get(alert.zone.id))
         start = alert.first_ts_ns or alert.ts_ns
         end = max(alert.ts_ns, alert.last_ts_ns, start)
         span = self.tracer.start_span(

@@ -1,8 +1,10 @@
 """The agent: inventory, probes, attribution and sinks in one loop.
 
 The loop polls the probes' ring buffers briefly, rescans the inventory every
-`scan_interval` (the kernel filter follows within a second), turns the counting probes'
-kernel maps into per-zone stats every `stats_interval`, and reports loss each second.
+`scan_interval` (the kernel filter follows within a second), follows the tenants file
+(a zone whose tenant changes is updated everywhere, probes keep running), turns the
+counting probes' kernel maps into per-zone stats every `stats_interval`, and reports loss
+each second.
 Probes are attached once and detached on stop; nothing is pinned, so a killed agent leaves
 no program attached once its file descriptors close.
 """
@@ -22,7 +24,8 @@ from zonewatch.audit import audit
 from zonewatch.delivery import Delivery
 from zonewatch.errors import EnvironmentProblem
 from zonewatch.exporters.base import JsonRecord, Sink
-from zonewatch.inventory import Inventory
+from zonewatch.inventory import Inventory, InventoryChange
+from zonewatch.inventory.tenants import TenantsFile
 from zonewatch.model import Alert, Lost, ZoneRef, ZoneStats
 from zonewatch.pipeline import Attribution
 from zonewatch.probes.base import Probe
@@ -72,6 +75,7 @@ class Agent:
         *,
         rules: RuleSet | None = None,
         delivery: Delivery | None = None,
+        tenants: TenantsFile | None = None,
     ) -> None:
         self.inventory = inventory
         self.probes = list(probes)
@@ -83,6 +87,7 @@ class Agent:
         self._on_attached = on_attached
         self.delivery = delivery  # alerts: journal first, then gRPC, OTLP and the sinks
         self.rules = rules  # alerts from events, stats and losses; reloads itself
+        self.tenants = tenants  # the tenants file, followed; None: the inventory's map stays
         if rules is not None:  # net.dst_zone, net.dst_other_tenant: addresses seen on taps
             rules.context.zone_addresses = self.zone_addresses
         self._aggregator: Aggregator | None = None
@@ -158,6 +163,7 @@ class Agent:
             if now >= next_scan:
                 self._rescan()
                 next_scan = now + opts.scan_interval
+            self._follow_tenants()
             ready.poll(opts.poll_ms / 1000)
             self.drain()
             if self.rules is not None:
@@ -206,7 +212,21 @@ class Agent:
 
     def _rescan(self) -> None:
         self._observe_vcpu_threads()
-        change = self.inventory.refresh()
+        self._zones_changed(self.inventory.refresh())
+
+    def _follow_tenants(self) -> None:
+        """A changed (or, on SIGHUP, re-read) tenants file moves zones between tenants."""
+        if self.tenants is None:
+            return
+        tenants = self.tenants.maybe_reload()
+        if tenants is None:
+            return
+        change = self.inventory.set_tenants(tenants)
+        for zone in change.updated:
+            log.info("zone %s is now tenant %s", zone.name, zone.tenant)
+        self._zones_changed(change)
+
+    def _zones_changed(self, change: InventoryChange) -> None:
         if not change:
             return
         zones = list(self.inventory.zones.values())

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import orjson
@@ -15,7 +16,8 @@ import orjson
 from zonewatch import __version__
 from zonewatch.errors import ConfigError, ZonewatchError
 from zonewatch.inventory import Inventory
-from zonewatch.inventory.tenants import TenantMap, load_tenants
+from zonewatch.inventory.platform import CRI_BUNDLE_ROOT, CriBundles
+from zonewatch.inventory.tenants import TenantMap, TenantsFile, load_tenants
 
 log = logging.getLogger("zonewatch")
 
@@ -55,6 +57,13 @@ def _add_inventory_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="where guests mount the share TAG (default: its root is /)",
+    )
+    p.add_argument(
+        "--cri-bundles",
+        metavar="DIR",
+        default=str(CRI_BUNDLE_ROOT),
+        help="containerd's bundles of Kubernetes sandboxes (k8s labels of Kata zones; "
+        "default: %(default)s)",
     )
 
 
@@ -196,8 +205,11 @@ def _tenants(args: argparse.Namespace) -> TenantMap:
     return load_tenants(args.tenants) if args.tenants else TenantMap.empty()
 
 
-def _inventory(args: argparse.Namespace) -> Inventory:
-    return Inventory(_tenants(args), dict(args.share_mount))
+def _inventory(args: argparse.Namespace, tenants: TenantMap | None = None) -> Inventory:
+    platform = CriBundles(Path(args.cri_bundles))
+    return Inventory(
+        _tenants(args) if tenants is None else tenants, dict(args.share_mount), platform=platform
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -210,7 +222,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from zonewatch.probes.proc import ProcProbe
     from zonewatch.probes.sched import SchedProbe
 
-    inventory = _inventory(args)
+    tenants_file = TenantsFile(args.tenants) if args.tenants else None
+    inventory = _inventory(args, tenants_file.tenants if tenants_file else None)
     rules = None
     if args.rules:
         from zonewatch.rules.engine import RuleSet
@@ -244,6 +257,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             stats_interval=args.stats_interval,
         ),
         rules=rules,
+        tenants=tenants_file,
     )
     stop = threading.Event()
 
@@ -253,11 +267,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    if rules is not None:
-        reload_rules = rules  # the handler only sets a flag; the loop reloads
+    reloadable = [f for f in (rules, tenants_file) if f is not None]
+    if reloadable:
 
         def on_hup(_signum: int, _frame: Any) -> None:
-            reload_rules.request_reload()
+            for followed in reloadable:  # each only sets a flag; the loop reloads
+                followed.request_reload()
 
         signal.signal(signal.SIGHUP, on_hup)
     agent.delivery = delivery

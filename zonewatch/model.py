@@ -115,6 +115,9 @@ class Zone:
     helper_pids: tuple[int, ...] = ()  # backend processes acting for the zone (virtiofsd)
     labels: dict[str, str] = field(default_factory=dict)
     netns: NetNs | None = None  # where its taps are; None: unknown, taken as the agent's own
+    # Zone processes whose "/" is not the host's: pid -> the host directory it is (a jail;
+    # the folder QEMU's virtiofsd pivoted into). Their paths are relative to it.
+    process_roots: dict[int, str] = field(default_factory=dict)
 
     @property
     def ref(self) -> ZoneRef:

@@ -84,12 +84,18 @@ class PipelineStats:
 
 
 class FdTable:
-    """(pid, fd) -> host path, bounded, with /proc as the fallback."""
+    """(pid, fd) -> host path, bounded, with /proc as the fallback.
+
+    A process whose "/" is not the host's (Zone.process_roots: a jail, a virtiofsd pivoted
+    into its share) names paths, and its fd links read, relative to its root: they are
+    put under it where they enter (a link read, an absolute name), so every path kept and
+    returned is a host path."""
 
     def __init__(self, proc: Path, limit: int = MAX_TRACKED_FDS) -> None:
         self._proc = proc
         self._paths: OrderedDict[tuple[int, int], str] = OrderedDict()
         self._limit = limit
+        self.roots: dict[int, str] = {}  # pid -> the host directory its "/" is
 
     def remember(self, pid: int, fd: int, path: str) -> None:
         self._paths[(pid, fd)] = path
@@ -103,6 +109,24 @@ class FdTable:
     def forget_pid(self, pid: int) -> None:
         for key in [k for k in self._paths if k[0] == pid]:
             del self._paths[key]
+        self.roots.pop(pid, None)
+
+    def set_roots(self, zone: Zone) -> None:
+        """Take the roots of the zone's processes (a new Zone object from the inventory)."""
+        for pid in zone.pids:
+            root = zone.process_roots.get(pid)
+            if root:
+                self.roots[pid] = root
+            else:
+                self.roots.pop(pid, None)
+
+    def _on_host(self, pid: int, path: str) -> str:
+        """A path as `pid` names it (absolute, in its own root) as a host path."""
+        root = self.roots.get(pid)
+        if root is None or not path.startswith("/"):
+            return path
+        path = path if _clean(path) else posixpath.normpath(path)
+        return root if path == "/" else root.rstrip("/") + path
 
     def lookup(self, pid: int, fd: int) -> str:
         known = self._paths.get((pid, fd))
@@ -110,9 +134,10 @@ class FdTable:
             return known
         link = "cwd" if fd == AT_FDCWD else f"fd/{fd}"
         try:
-            return text(os.readlink(os.fsencode(self._proc / str(pid) / link)))
+            target = text(os.readlink(os.fsencode(self._proc / str(pid) / link)))
         except OSError:
             return ""
+        return self._on_host(pid, target) if self.roots else target
 
     def resolve(self, pid: int, dirfd: int, path: bytes) -> str:
         name = text(path)
@@ -123,6 +148,8 @@ class FdTable:
                 base = self.lookup(pid, int(fd_text))
                 return join_normal(base, rest) if base else name
         if name.startswith("/"):
+            if self.roots and pid in self.roots:
+                return self._on_host(pid, name)
             return name if _clean(name) else posixpath.normpath(name)
         base = self.lookup(pid, dirfd)
         if not base:
@@ -213,6 +240,7 @@ class FileEventBuilder:
             if len(self._views) >= MAX_VIEWS:
                 self._views.clear()
             view = self._views[zone.key] = ZoneView(zone)
+            self.fds.set_roots(zone)
         return view
 
     def comm(self, raw: bytes) -> str:

@@ -772,13 +772,21 @@ def test_other_python_processes_are_no_vmm(argv: list[str]) -> None:
             ["/opt/kata/libexec/virtiofsd", "--syslog", "--cache=auto",
              f"--shared-dir=/run/kata-containers/shared/sandboxes/{SANDBOX}/shared",
              "--fd=3", "--thread-pool-size=1", "--announce-submounts"],
-            VirtiofsdSpec("", f"/run/kata-containers/shared/sandboxes/{SANDBOX}/shared", ""),
+            VirtiofsdSpec("", f"/run/kata-containers/shared/sandboxes/{SANDBOX}/shared", "", 3),
         ),
         (  # Kata 2.x with QEMU's C virtiofsd (kata-containers#4118)
             ["/opt/kata/libexec/kata-qemu/virtiofsd", "--syslog", "-o", "cache=auto",
              "-o", "no_posix_lock", "-o", f"source=/run/kata-containers/shared/sandboxes/"
              f"{SANDBOX}/shared", "--fd=3", "-f", "--thread-pool-size=1"],
-            VirtiofsdSpec("", f"/run/kata-containers/shared/sandboxes/{SANDBOX}/shared", ""),
+            VirtiofsdSpec("", f"/run/kata-containers/shared/sandboxes/{SANDBOX}/shared", "", 3),
+        ),
+        (  # the socket alone, inherited: tied to its zone through the fd's bound path
+            ["/usr/lib/qemu/virtiofsd", "--fd", "7", "-f"],
+            VirtiofsdSpec("", "", "", 7),
+        ),
+        (  # a descriptor that is no number, or absurd, is no descriptor
+            ["virtiofsd", "--fd=-1", "--fd=3x", "--fd=99999999", "--fd=\u0663", "-o", "source=/s"],
+            VirtiofsdSpec("", "/s", "", -1),
         ),
         (  # QEMU's docs/tools/virtiofsd.rst
             ["virtiofsd", "--socket-path=/var/run/vm001-vhost-fs.sock",

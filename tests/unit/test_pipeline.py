@@ -160,3 +160,36 @@ def test_attribution_counts_records_of_unknown_zones(tmp_path: Path) -> None:
     stray.zone_key = 99
     assert attribution.process([stray]) == []
     assert attribution.stats.unattributed == 1
+
+
+def test_a_backend_pivoted_into_its_share_gets_host_paths(tmp_path: Path) -> None:
+    """QEMU's C virtiofsd works in a mount namespace of its own whose "/" is the shared
+    folder: its fd links read "/f.txt" and it names paths from that root. With the root
+    the inventory found (Zone.process_roots), every path is a host path again, inside the
+    share, and `..` stays below the root as it does for the process."""
+    import dataclasses
+    import os
+
+    worker = 200
+    z = dataclasses.replace(zone(), helper_pids=(worker,), process_roots={worker: SHARE})
+    fd_dir = tmp_path / str(worker) / "fd"
+    fd_dir.mkdir(parents=True)
+    os.symlink("/", fd_dir / "5")  # the share's root, as the worker's link reads
+    os.symlink("/sub/g.txt", fd_dir / "7")
+    b = builder(tmp_path)
+    created = b.build(rec(FileOp.OPEN, b"f.txt", dirfd=5, ret=9, flags=O_CREAT | 1, pid=worker), z)
+    assert created is not None
+    assert (created.host_path, created.path) == (SHARE + "/f.txt", "/mnt/share/f.txt")
+    read = b.build(rec(FileOp.READ, dirfd=7, ret=10, pid=worker), z)
+    assert read is not None and (read.host_path, read.path) == (
+        SHARE + "/sub/g.txt", "/mnt/share/sub/g.txt"
+    )  # fmt: skip
+    for name in (b"/../../etc/shadow", b"/etc/shadow"):
+        inside = b.build(rec(FileOp.OPEN, name, ret=11, pid=worker), z)
+        assert inside is not None and inside.host_path == SHARE + "/etc/shadow"
+    # The VMM itself is at the host's root: its paths stay as they are.
+    vmm = b.build(rec(FileOp.OPEN, b"/etc/shadow", ret=12), z)
+    assert vmm is not None and (vmm.host_path, vmm.share) == ("/etc/shadow", "")
+    # A zone without the root (the worker gone): no translation is left behind.
+    b.fds.forget_pid(worker)
+    assert worker not in b.fds.roots

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from zonewatch.inventory.tenants import (
     MAX_TENANTS_FILE_BYTES,
     TenantMap,
     TenantRule,
+    TenantsFile,
     load_tenants,
 )
 from zonewatch.model import DEFAULT_TENANT
@@ -365,3 +367,89 @@ def test_many_tenants(tmp_path: Path) -> None:
     tenants = load_tenants(write(tmp_path, "version: 1\ntenants:\n" + body))
     assert len(tenants) == 5000
     assert tenants.tenant_for("z4999-a", {}) == "t4999"
+
+
+# --------------------------------------------------------------------------------------
+# The Kubernetes namespace as the tenant of last resort
+# --------------------------------------------------------------------------------------
+def test_namespace_label_is_the_tenant_when_no_entry_matches(tenants: TenantMap) -> None:
+    pod = {"kata.sandbox": "39083257ece6abc", "k8s.namespace": "shop"}
+    assert tenants.tenant_for("39083257ece6abc", pod) == "initech"  # the "*" entry first
+    no_catch_all = TenantMap(r for r in tenants if r.name != "initech")
+    assert no_catch_all.tenant_for("39083257ece6abc", pod) == "shop"
+    assert no_catch_all.tenant_for("39083257ece6abc", {"k8s.namespace": "globex"}) == "globex"
+    assert no_catch_all.tenant_for("x", {}) == DEFAULT_TENANT
+    assert TenantMap.empty().tenant_for("x", pod) == "shop"
+
+
+@pytest.mark.parametrize("namespace", ["", ".", "..", "a/b", "x" * 64, "sh\\x1bop", "ünï"])
+def test_a_namespace_that_is_no_tenant_name_is_not_used(namespace: str) -> None:
+    assert TenantMap.empty().tenant_for("z", {"k8s.namespace": namespace}) == DEFAULT_TENANT
+
+
+def test_label_entries_match_k8s_labels(tmp_path: Path) -> None:
+    entry = "  - name: shop-team\n    labels: {k8s.namespace: shop, k8s.pod.name: web-0}\n"
+    tenants = load_tenants(write(tmp_path, HEAD + entry))
+    assert tenants.tenant_for("z", {"k8s.namespace": "shop", "k8s.pod.name": "web-0"}) == (
+        "shop-team"
+    )
+    assert tenants.tenant_for("z", {"k8s.namespace": "shop", "k8s.pod.name": "web-1"}) == "shop"
+
+
+# --------------------------------------------------------------------------------------
+# Following the file: TenantsFile
+# --------------------------------------------------------------------------------------
+def test_tenants_file_reloads_on_change_and_keeps_the_old_map_on_a_bad_edit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, A + "    zones: [a-*]\n")
+    followed = TenantsFile(path, check_interval=0)
+    assert followed.tenants.tenant_for("a-1", {}) == "a"
+    assert followed.maybe_reload() is None  # unchanged: not even read
+
+    # Each version differs in size: two writes within one clock tick share an mtime.
+    write(tmp_path, A + "    zones: [bb-*]\n")
+    new = followed.maybe_reload()
+    assert new is not None and new.tenant_for("bb-1", {}) == "a"
+    assert followed.tenants is new and followed.reloads == 1
+
+    with caplog.at_level(logging.ERROR, logger="zonewatch.inventory.tenants"):
+        write(tmp_path, A + "    zones: [bb-*]\n    zonez: [c]\n")
+        assert followed.maybe_reload() is None
+        assert followed.maybe_reload() is None  # the same bad file: not logged again
+    assert followed.tenants is new
+    assert followed.last_error is not None and followed.last_error.startswith(f"{path}:5:5: ")
+    errors = [r.getMessage() for r in caplog.records]
+    assert len(errors) == 1 and f"{path}:5:5" in errors[0] and "\n" not in errors[0]
+
+    os.unlink(path)  # replaced by a new file (another inode), as editors and ConfigMaps do
+    write(tmp_path, A + "    zones: [c-*]\n")
+    fixed = followed.maybe_reload()
+    assert fixed is not None and fixed.tenant_for("c-1", {}) == "a"
+    assert followed.last_error is None
+
+
+def test_tenants_file_reload_on_request_and_at_most_each_interval(tmp_path: Path) -> None:
+    path = write(tmp_path, A + "    zones: [a-*]\n")
+    followed = TenantsFile(path, check_interval=3600)
+    write(tmp_path, A + "    zones: [bb-*]\n")
+    assert followed.maybe_reload() is None  # not looked at before the interval
+    followed.request_reload()  # SIGHUP
+    new = followed.maybe_reload()
+    assert new is not None and new.tenant_for("bb-1", {}) == "a"
+    followed.request_reload()
+    assert followed.maybe_reload() is None  # read again, but nothing changed
+
+
+def test_a_vanished_tenants_file_keeps_the_running_map(tmp_path: Path) -> None:
+    path = write(tmp_path, EXAMPLE)
+    followed = TenantsFile(path, check_interval=0)
+    os.unlink(path)
+    assert followed.maybe_reload() is None
+    assert followed.last_error is not None and "cannot read" in followed.last_error
+    assert len(followed.tenants) == 3
+
+
+def test_a_bad_tenants_file_at_start_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        TenantsFile(write(tmp_path, "version: 2\n"))

@@ -82,6 +82,7 @@ MAX_NAME_LEN: Final = 256  # zone names and label values (after escaping) are cu
 MAX_CONFIG_BYTES: Final = 1024 * 1024  # a larger Firecracker config file is not parsed
 _MAX_PATH_LEN: Final = 4096  # PATH_MAX
 _MAX_TAG_LEN: Final = 255
+_MAX_FD_DIGITS: Final = 7  # a descriptor number (the kernel's limit, fs.nr_open, is 2^20)
 _MAX_JSON_DEPTH: Final = 16
 
 # The comm (/proc/PID/task/TID/comm, without its newline) of a vCPU thread:
@@ -136,6 +137,7 @@ class VirtiofsdSpec:
     socket_path: str  # "" when the socket is passed as a file descriptor (--fd, as Kata does)
     shared_dir: str  # "" if not given
     tag: str  # "" if not given
+    socket_fd: int = -1  # --fd=N: the inherited listening socket's descriptor; -1 if none
 
 
 # --------------------------------------------------------------------------------------
@@ -178,6 +180,7 @@ def parse_virtiofsd_cmdline(argv: Sequence[str]) -> VirtiofsdSpec | None:
     if args is None or not _VIRTIOFSD_RE.match(_basename(args[0])):
         return None
     socket = shared = tag = ""
+    socket_fd = -1
     n = len(args)
     i = 1
     while i < n:
@@ -200,8 +203,9 @@ def parse_virtiofsd_cmdline(argv: Sequence[str]) -> VirtiofsdSpec | None:
                 shared = value if _path_ok(value) else ""
             elif key == "tag":
                 tag = value if _tag_ok(value) else ""
-            else:  # --fd: the socket is inherited, its path is not on the command line
-                socket = ""
+            elif value.isascii() and value.isdigit() and len(value) <= _MAX_FD_DIGITS:
+                # --fd: the socket is inherited, its path is not on the command line
+                socket, socket_fd = "", int(value)
         elif arg.startswith("-o"):  # C virtiofsd, and the Rust one's compat options
             value = arg[2:]
             if not value:
@@ -215,9 +219,9 @@ def parse_virtiofsd_cmdline(argv: Sequence[str]) -> VirtiofsdSpec | None:
                     shared = val
                 elif key == "vhost_user_socket" and _path_ok(val):
                     socket = val
-    if not socket and not shared:
+    if not socket and not shared and socket_fd < 0:
         return None
-    return VirtiofsdSpec(socket_path=socket, shared_dir=shared, tag=tag)
+    return VirtiofsdSpec(socket_path=socket, shared_dir=shared, tag=tag, socket_fd=socket_fd)
 
 
 _KATA_PATH_RE = re.compile(

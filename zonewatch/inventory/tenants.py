@@ -9,8 +9,14 @@ tenants:
 ```
 
 An entry matches a zone when any of its globs matches the zone's name, or when its labels
-are non-empty and every one equals the zone's label of that key. Entries are tried in
-order; the first match wins; no match means `model.DEFAULT_TENANT`.
+are non-empty and every one equals the zone's label of that key (labels come from the
+VMM's command line, e.g. `kata.sandbox`, and from the platform, e.g. `k8s.namespace`).
+Entries are tried in order; the first match wins. A zone no entry matches belongs to its
+Kubernetes namespace (label `k8s.namespace`) when it has one that is a valid tenant name,
+else to `model.DEFAULT_TENANT`.
+
+`TenantsFile` follows a tenants file for the agent: reloaded when it changes and on
+request (SIGHUP); a bad new version keeps the running map.
 
 The file is read with PyYAML's composer over SafeLoader and checked node by node, so every
 error names the offending node: `ConfigError("PATH:LINE:COL", message)`, 1-based. Unknown
@@ -22,7 +28,10 @@ their alerts, under another tenant.
 from __future__ import annotations
 
 import fnmatch
+import logging
+import os
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +39,8 @@ from typing import Final
 
 from yaml.nodes import Node, ScalarNode
 
+from zonewatch.errors import ConfigError
+from zonewatch.inventory.platform import LABEL_K8S_NAMESPACE
 from zonewatch.model import DEFAULT_TENANT
 from zonewatch.yamlfile import (
     MAX_FILE_BYTES,
@@ -47,8 +58,11 @@ __all__ = [
     "TENANT_NAME_PATTERN",
     "TenantMap",
     "TenantRule",
+    "TenantsFile",
     "load_tenants",
 ]
+
+log = logging.getLogger(__name__)
 
 TENANT_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,63}")
 MAX_TENANTS_FILE_BYTES: Final = MAX_FILE_BYTES
@@ -110,8 +124,13 @@ class TenantMap:
         return None
 
     def tenant_for(self, name: str, labels: Mapping[str, str]) -> str:
+        """The first matching rule's tenant, else the zone's Kubernetes namespace, else
+        the default tenant."""
         rule = self.rule_for(name, labels)
-        return rule.name if rule is not None else DEFAULT_TENANT
+        if rule is not None:
+            return rule.name
+        namespace = labels.get(LABEL_K8S_NAMESPACE, "")
+        return namespace if _valid_tenant_name(namespace) else DEFAULT_TENANT
 
     def __len__(self) -> int:
         return len(self._rules)
@@ -127,6 +146,65 @@ class TenantMap:
 
     def __repr__(self) -> str:
         return f"TenantMap({[r.name for r in self._rules]!r})"
+
+
+class TenantsFile:
+    """A tenants file the agent follows while it runs.
+
+    The agent loop calls `maybe_reload()` often; it looks at the file (one stat: inode,
+    size, mtime) at most every `check_interval` seconds and reads it only when that
+    changed, or when `request_reload()` asked (safe in a signal handler: it only sets a
+    flag). A new version that does not load keeps the running map: `last_error` and one
+    log line say why, at its file:line:col.
+    """
+
+    __slots__ = ("_next_check", "_requested", "_stamp", "check_interval", "last_error", "path",
+                 "reloads", "tenants")  # fmt: skip
+
+    def __init__(self, path: str | Path, check_interval: float = 1.0) -> None:
+        self.path = Path(path)
+        self.check_interval = check_interval
+        self._stamp = self._file_stamp()
+        self.tenants = load_tenants(self.path)  # a bad file at start stops the agent
+        self.last_error: str | None = None
+        self.reloads = 0
+        self._requested = False
+        self._next_check = time.monotonic() + check_interval
+
+    def _file_stamp(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def request_reload(self) -> None:
+        self._requested = True
+
+    def maybe_reload(self) -> TenantMap | None:
+        """The new map when the file changed (or a reload was asked) and loads; else None."""
+        now = time.monotonic()
+        if not self._requested and now < self._next_check:
+            return None
+        self._next_check = now + self.check_interval
+        stamp = self._file_stamp()
+        if not self._requested and stamp == self._stamp:
+            return None
+        self._requested = False
+        self._stamp = stamp
+        try:
+            tenants = load_tenants(self.path)
+        except ConfigError as exc:
+            self.last_error = str(exc)
+            log.error("tenants not reloaded, the running tenants stay: %s", exc)
+            return None
+        self.last_error = None
+        self.reloads += 1
+        changed = tenants != self.tenants
+        self.tenants = tenants
+        log.info("tenants reloaded from %s: %d entr%s", self.path, len(tenants),
+                 "y" if len(tenants) == 1 else "ies")  # fmt: skip
+        return tenants if changed else None
 
 
 # --------------------------------------------------------------------------------------

@@ -88,8 +88,11 @@ _LIBC_NAME = re.compile(r"/libc(-[0-9.]+)?\.so(\.[0-9]+)*$")
 
 
 def libc_path(pid: int) -> str | None:
-    """The libc an existing process maps (executable), as a path this process can open
-    (through /proc/PID/root when the process lives in another mount namespace)."""
+    """The libc an existing process maps (executable), as a path this process can open:
+    its own path when that is the very file mapped, else through /proc/PID/root (another
+    mount namespace). The mapped file is told by /proc/PID/map_files: a process pivoted
+    into another root (QEMU's virtiofsd, into its share) maps the host's libc by a path
+    its new root no longer holds."""
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
@@ -103,11 +106,17 @@ def libc_path(pid: int) -> str | None:
             continue
         rooted = f"/proc/{pid}/root{path}"
         try:
-            mine, theirs = os.stat(path), os.stat(rooted)
-        except OSError:
+            mapped = os.stat(f"/proc/{pid}/map_files/{parts[0]}")
+        except OSError:  # no map_files (not root): the process's own view
             return rooted if os.path.exists(rooted) else None
-        same = (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
-        return path if same else rooted
+        for candidate in (path, rooted):
+            try:
+                st = os.stat(candidate)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (mapped.st_dev, mapped.st_ino):
+                return candidate
+        return None
     return None
 
 
