@@ -8,6 +8,9 @@ exactly as `zonewatch record` writes it. Then, on one core, in alternating round
   replay   parse the lines and rebuild the events (the baseline: no rules)
   rules    the same plus every default rule (rules/), de-duplication and windows
   engine   the rules alone, on events already rebuilt
+  iocs     the rules alone plus one IOC rule: 1050 paths or'ed inline on file.path (one
+           set lookup), and the same over two fields alternately (a loop over 1050 terms);
+           each against `engine` as its baseline
 The value is the median over rounds.
 
 Environment: ZW_BENCH_ROUNDS (default 5), ZW_BENCH_RULES_EVENTS (default 200000).
@@ -19,7 +22,9 @@ import io
 import os
 import random
 import statistics
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +113,20 @@ def _addresses(zones: list[ZoneRef]) -> dict[str, ZoneRef]:
     return {f"10.{i}.0.2": z for i, z in enumerate(zones)}
 
 
-def _engine() -> RuleEngine:
+def _engine(extra: Sequence[Path] = ()) -> RuleEngine:
     addresses = _addresses(_zones())
-    return RuleEngine.load([RULES], RuleContext(zone_addresses=lambda: addresses))
+    return RuleEngine.load([RULES, *extra], RuleContext(zone_addresses=lambda: addresses))
+
+
+def ioc_rule(n: int, two_fields: bool) -> str:
+    """An IOC list written inline: n paths or'ed (none of them in the workload)."""
+    terms = " or ".join(
+        f"{'file.host_path' if two_fields and i % 2 else 'file.path'} = /ioc/p{i}" for i in range(n)
+    )
+    return (
+        "- required_engine_version: 1\n- rule: iocs\n"
+        f"  condition: channel = file and ({terms})\n  output: x\n  severity: high\n"
+    )
 
 
 def time_replay_only(data: bytes) -> float:
@@ -132,8 +148,8 @@ def time_with_rules(data: bytes, records: int) -> tuple[float, int]:
     return records / (time.perf_counter() - start), alerts
 
 
-def time_engine_only(events: list[Any]) -> float:
-    engine = _engine()
+def time_engine_only(events: list[Any], extra: Sequence[Path] = ()) -> float:
+    engine = _engine(extra)
     plain = [e for e in events if not isinstance(e, ZoneStats)]
     stats = [e for e in events if isinstance(e, ZoneStats)]
     start = time.perf_counter()
@@ -153,7 +169,14 @@ def run() -> dict[str, Metric]:
         events = list(read_records(io.BytesIO(data), "bench"))
         rules = len(_engine().rules)
         base, full, engine_only = [], [], []
+        one_field: list[float] = []
+        two_fields: list[float] = []
         alerts = 0
+        tmp = tempfile.TemporaryDirectory(prefix="zw-bench-rules-")
+        iocs = Path(tmp.name) / "iocs.yaml"
+        iocs.write_text(ioc_rule(1050, two_fields=False))
+        iocs2 = Path(tmp.name) / "iocs2.yaml"
+        iocs2.write_text(ioc_rule(1050, two_fields=True))
         for r in range(ROUNDS):
             order = ("replay", "rules") if r % 2 == 0 else ("rules", "replay")
             for what in order:
@@ -163,8 +186,12 @@ def run() -> dict[str, Metric]:
                     rate, alerts = time_with_rules(data, len(events))
                     full.append(rate)
             engine_only.append(time_engine_only(events))
+            one_field.append(time_engine_only(events, [iocs]))
+            two_fields.append(time_engine_only(events, [iocs2]))
             print(f"  {r + 1}/{ROUNDS} replay {base[-1]:>9.0f}/s  replay+rules {full[-1]:>9.0f}/s"
-                  f"  rules alone {engine_only[-1]:>9.0f}/s", flush=True)  # fmt: skip
+                  f"  rules alone {engine_only[-1]:>9.0f}/s  +iocs {one_field[-1]:>9.0f}/s"
+                  f"  +iocs(2 fields) {two_fields[-1]:>9.0f}/s", flush=True)  # fmt: skip
+        tmp.cleanup()
     finally:
         os.sched_setaffinity(0, mine)
     print(f"  {len(events)} records, {rules} rules, {alerts} alerts per pass")
@@ -172,4 +199,6 @@ def run() -> dict[str, Metric]:
     return {
         "rules_replay_events_per_s": metric(f, "events/s", b),
         "rules_engine_only_events_per_s": metric(e, "events/s", b),
+        "rules_ioc_1050_set_events_per_s": metric(statistics.median(one_field), "events/s", e),
+        "rules_ioc_1050_loop_events_per_s": metric(statistics.median(two_fields), "events/s", e),
     }

@@ -10,10 +10,20 @@ from typing import BinaryIO
 
 import orjson
 
+from zonewatch.errors import ConfigError
 from zonewatch.exporters.base import JsonRecord
 from zonewatch.model import json_bytes
 
 log = logging.getLogger(__name__)
+
+
+def _open_for_append(target: str) -> BinaryIO:
+    """`target` opened to append; a path that cannot be (a directory, a read-only file
+    system, no such folder) is a ConfigError naming it, raised before anything runs."""
+    try:
+        return open(target, "ab")
+    except OSError as exc:
+        raise ConfigError(target, f"cannot write: {exc.strerror or exc}") from None
 
 
 class JsonlSink:
@@ -24,7 +34,7 @@ class JsonlSink:
 
     def __init__(self, target: str, max_bytes: int = 0, backups: int = 5) -> None:
         self.target = target
-        self._out: BinaryIO = sys.stdout.buffer if target == "-" else open(target, "ab")  # noqa: SIM115
+        self._out: BinaryIO = sys.stdout.buffer if target == "-" else _open_for_append(target)
         self.written = 0
         self.failed = 0
         self._broken = False

@@ -340,13 +340,15 @@ class OtlpSink:
             batch["max_queue_size"] = config.max_queue
         if config.schedule_delay_ms is not None:
             batch["schedule_delay_millis"] = config.schedule_delay_ms
-        self.tracer_provider = TracerProvider(resource=self.resource)
+        # shutdown() is the delivery's to call, bounded (zonewatch.delivery.SINK_SHUTDOWN_S);
+        # the SDK's own at-exit shutdown waited out export retries to a dead collector.
+        self.tracer_provider = TracerProvider(resource=self.resource, shutdown_on_exit=False)
         if "traces" in self.exporters:
             counted = _Counted(
                 self.exporters["traces"], "traces", self.health, self.endpoints["traces"]
             )
             self.tracer_provider.add_span_processor(BatchSpanProcessor(cast(Any, counted), **batch))
-        self.logger_provider = LoggerProvider(resource=self.resource)
+        self.logger_provider = LoggerProvider(resource=self.resource, shutdown_on_exit=False)
         if "logs" in self.exporters:
             counted = _Counted(self.exporters["logs"], "logs", self.health, self.endpoints["logs"])
             self.logger_provider.add_log_record_processor(
@@ -361,7 +363,9 @@ class OtlpSink:
                 self.exporters["metrics"], self.health, self.endpoints["metrics"]
             )
             readers.append(PeriodicExportingMetricReader(metrics, **reader_kw))
-        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=readers)
+        self.meter_provider = MeterProvider(
+            resource=self.resource, metric_readers=readers, shutdown_on_exit=False
+        )
         self.tracer = self.tracer_provider.get_tracer(SCOPE, __version__)
         self.logger = self.logger_provider.get_logger(SCOPE, __version__)
         meter = self.meter_provider.get_meter(SCOPE, __version__)

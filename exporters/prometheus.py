@@ -39,6 +39,8 @@ class AgentHealth:
     journal_write_errors: int = 0
     otlp_dropped: int = 0
     lost: dict[str, int] = field(default_factory=dict)  # source -> events lost so far
+    rule_eval_errors: int = 0  # rule evaluations that raised (zonewatch.rules.engine)
+    rules_disabled: int = 0  # rules switched off because they failed
 
 
 # ZoneStats rate field -> (counter name without _total, help, scale to base units). Each
@@ -260,37 +262,52 @@ class _Collector(Collector):
         for source in sorted(lost.keys() | h.lost.keys()):
             lost_f.add_metric([source], max(lost.get(source, 0), h.lost.get(source, 0)))
         yield lost_f
-        yield CounterMetricFamily("zonewatch_events", "Events read from the probes", value=h.events)
-        probes = GaugeMetricFamily("zonewatch_probe_attached", "Probes attached", labels=["probe"])
-        for p in h.probes:
-            probes.add_metric([p], 1)
-        yield probes
-        q = GaugeMetricFamily("zonewatch_queue_depth", "Items waiting", labels=["queue"])
-        for queue, depth in sorted(h.queue_depths.items()):
-            q.add_metric([queue], depth)
-        yield q
-        yield GaugeMetricFamily("zonewatch_subscribers", "gRPC alert subscribers", h.subscribers)
-        yield GaugeMetricFamily(
-            "zonewatch_journal_last_seq", "Newest alert sequence number", h.journal_last_seq
-        )
-        yield GaugeMetricFamily(
-            "zonewatch_journal_backlog",
-            "Alerts held in memory because the journal's disk refused them",
-            h.journal_backlog,
-        )
-        yield CounterMetricFamily(
-            "zonewatch_journal_dropped",
-            "Alerts that never reached the journal's disk (memory backlog full)",
-            h.journal_dropped,
-        )
-        yield CounterMetricFamily(
-            "zonewatch_journal_write_errors",
-            "Failed journal writes and fsyncs",
-            h.journal_write_errors,
-        )
-        yield CounterMetricFamily(
-            "zonewatch_otlp_dropped", "Records the OTLP exporter failed to send", h.otlp_dropped
-        )
+        yield from _agent_families(h)
+
+
+def _agent_families(h: AgentHealth) -> Iterator[Any]:
+    """The agent's own health: events in, probes, queues, journal, exporters, rules."""
+    yield CounterMetricFamily("zonewatch_events", "Events read from the probes", value=h.events)
+    probes = GaugeMetricFamily("zonewatch_probe_attached", "Probes attached", labels=["probe"])
+    for p in h.probes:
+        probes.add_metric([p], 1)
+    yield probes
+    q = GaugeMetricFamily("zonewatch_queue_depth", "Items waiting", labels=["queue"])
+    for queue, depth in sorted(h.queue_depths.items()):
+        q.add_metric([queue], depth)
+    yield q
+    yield GaugeMetricFamily("zonewatch_subscribers", "gRPC alert subscribers", h.subscribers)
+    yield GaugeMetricFamily(
+        "zonewatch_journal_last_seq", "Newest alert sequence number", h.journal_last_seq
+    )
+    yield GaugeMetricFamily(
+        "zonewatch_journal_backlog",
+        "Alerts held in memory because the journal's disk refused them",
+        h.journal_backlog,
+    )
+    yield CounterMetricFamily(
+        "zonewatch_journal_dropped",
+        "Alerts that never reached the journal's disk (memory backlog full)",
+        h.journal_dropped,
+    )
+    yield CounterMetricFamily(
+        "zonewatch_journal_write_errors",
+        "Failed journal writes and fsyncs",
+        h.journal_write_errors,
+    )
+    yield CounterMetricFamily(
+        "zonewatch_otlp_dropped", "Records the OTLP exporter failed to send", h.otlp_dropped
+    )
+    yield CounterMetricFamily(
+        "zonewatch_rule_eval_errors",
+        "Rule evaluations that raised: a field the event lacked, or a rule that failed",
+        h.rule_eval_errors,
+    )
+    yield CounterMetricFamily(
+        "zonewatch_rules_disabled",
+        "Rules switched off until the next reload because they failed",
+        h.rules_disabled,
+    )
 
 
 class PrometheusSink:

@@ -328,8 +328,13 @@ SEVERITY_STYLE = {
 def findings_table(findings: Sequence[Finding], zone_count: int) -> None:
     """The findings as a rich table on stdout (zone and guest-chosen text escaped)."""
     from rich.console import Console
-    from rich.markup import escape
+    from rich.markup import escape as markup_escape
     from rich.table import Table
+
+    from zonewatch.tui.escape import escape as terminal_escape
+
+    def escape(text: str) -> str:  # no control reaches the terminal, no [tag] styles it
+        return markup_escape(terminal_escape(text, 200))
 
     table = Table(title=f"isolation audit: {zone_count} zone(s), {len(findings)} finding(s)")
     for column in ("zone", "tenant", "severity", "check", "finding"):

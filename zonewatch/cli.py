@@ -19,8 +19,20 @@ from zonewatch.errors import ConfigError, ZonewatchError
 from zonewatch.inventory import Inventory
 from zonewatch.inventory.platform import CRI_BUNDLE_ROOT, CriBundles
 from zonewatch.inventory.tenants import TenantMap, TenantsFile, load_tenants
+from zonewatch.options import count, factor, output_file, seconds
+from zonewatch.tui.escape import escape
 
 log = logging.getLogger("zonewatch")
+
+
+class TerminalFormatter(logging.Formatter):
+    """Log lines as the terminal must show them: a message that quotes guest text (a zone
+    name, a path) is escaped like every other output (zonewatch.tui.escape); a traceback
+    after it is the agent's own and stays as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message, 2000)
+        return super().formatMessage(record)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -35,16 +47,6 @@ def _share_mount(value: str) -> tuple[str, str]:
     if not sep or not tag or not path.startswith("/"):
         raise argparse.ArgumentTypeError(f"expected TAG=/guest/path, got {value!r}")
     return tag, path
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
-    return number
 
 
 def _add_inventory_options(p: argparse.ArgumentParser) -> None:
@@ -72,19 +74,20 @@ def _add_rules_commands(sub: Any) -> None:
     """record, replay and rules (check, test, fields)."""
     record = sub.add_parser("record", help="capture events (the agent's JSON lines) to a file")
     _add_inventory_options(record)
-    record.add_argument("--out", metavar="FILE", required=True, help="JSON lines to append to")
     record.add_argument(
-        "--duration", metavar="S", type=_positive_float, help="stop after S seconds"
+        "--out", metavar="FILE", required=True, type=output_file, help="JSON lines to append to"
     )
+    record.add_argument("--duration", metavar="S", type=seconds, help="stop after S seconds")
     record.set_defaults(flow_idle=30.0, stats_interval=1.0, no_stats=False, rules=[])
 
     replay = sub.add_parser("replay", help="run a recording through the rules")
     replay.add_argument("file", metavar="FILE", help="a recording (JSON lines; - for stdin)")
     replay.add_argument("--rules", metavar="PATH", action="append", default=[],
                         help="rule files or directories (default: rules/)")  # fmt: skip
-    replay.add_argument("--jsonl", metavar="FILE|-", default="-", help="alerts to (default -)")
+    replay.add_argument("--jsonl", metavar="FILE|-", default="-", type=output_file,
+                        help="alerts to (default -)")  # fmt: skip
     pace = replay.add_mutually_exclusive_group()
-    pace.add_argument("--speed", metavar="X", type=_positive_float,
+    pace.add_argument("--speed", metavar="X", type=factor,
                       help="replay at X times the recorded pace")  # fmt: skip
     pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
 
@@ -107,7 +110,9 @@ def _add_lab_commands(sub: Any) -> None:
     lab = sub.add_parser("lab", help="real zones for demos and tests")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=OneLineParser)
     up = lab_sub.add_parser("up", help="boot lab zones (detached)")
-    up.add_argument("--zones", type=int, default=2, metavar="N", help="how many zones (default 2)")
+    up.add_argument(
+        "--zones", type=count, default=2, metavar="N", help="how many zones (default 2)"
+    )
     up.add_argument("--workload", metavar="FILE", help="busybox sh script each zone runs")
     lab_cli.add_layout_option(up)
     lab_sub.add_parser("down", help="stop every lab zone and remove what they left")
@@ -116,7 +121,7 @@ def _add_lab_commands(sub: Any) -> None:
     lab_run.add_argument("workload", metavar="FILE", help="busybox sh script")
     lab_run.add_argument("--name", default="zone-run")
     lab_run.add_argument("--tenant", default="default")
-    lab_run.add_argument("--timeout", type=_positive_float, default=120.0)
+    lab_run.add_argument("--timeout", type=seconds, default=120.0)
     lab_cli.add_layout_option(lab_run)
 
 
@@ -130,20 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the agent")
     _add_inventory_options(run)
-    run.add_argument("--jsonl", metavar="FILE|-", help="write JSON lines (alerts, lost, events)")
+    run.add_argument("--jsonl", metavar="FILE|-", type=output_file,
+                     help="write JSON lines (alerts, lost, events)")  # fmt: skip
     run.add_argument("--events", action="store_true", help="also emit every raw event")
-    run.add_argument("--duration", metavar="S", type=_positive_float, help="stop after S seconds")
+    run.add_argument("--duration", metavar="S", type=seconds, help="stop after S seconds")
     run.add_argument(
         "--flow-idle",
         metavar="S",
-        type=_positive_float,
+        type=seconds,
         default=30.0,
         help="a flow quiet for S seconds has ended (default 30)",
     )
     run.add_argument(
         "--stats-interval",
         metavar="S",
-        type=_positive_float,
+        type=seconds,
         default=1.0,
         help="per-zone stats every S seconds (default 1)",
     )
@@ -347,8 +353,8 @@ def cmd_zones(args: argparse.Namespace) -> int:
     print(f"{'NAME':<20} {'TENANT':<12} {'VMM':<12} {'PID':>7} {'VCPUS':>5} TAPS")
     for z in zones:
         print(
-            f"{z.name[:20]:<20} {z.tenant[:12]:<12} {z.vmm[:12]:<12} {z.pid:>7} "
-            f"{len(z.vcpu_tids):>5} {','.join(z.taps)[:18]}"
+            f"{escape(z.name, 20):<20} {escape(z.tenant, 12):<12} {z.vmm[:12]:<12} {z.pid:>7} "
+            f"{len(z.vcpu_tids):>5} {escape(','.join(z.taps), 18)}"
         )
     return 0
 
@@ -423,21 +429,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"zonewatch {command}: error: unrecognized arguments: {' '.join(unknown)} "
             f"(see zonewatch {command} --help)\n",
         )
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="zonewatch: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TerminalFormatter("zonewatch: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     try:
         return COMMANDS[args.command](args)
     except ZonewatchError as exc:
         print(f"zonewatch {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except FileNotFoundError as exc:
-        print(
-            f"zonewatch {args.command}: {ConfigError(str(exc.filename), 'no such file')}",
-            file=sys.stderr,
-        )
+    except OSError as exc:
+        if exc.filename is None:  # not a file the command was pointed at: a real fault
+            raise
+        # A file named on the command line (or in a file it names) that cannot be used.
+        what = exc.strerror or str(exc)
+        print(f"zonewatch {args.command}: {ConfigError(escape(str(exc.filename), 200), what)}",
+              file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         return 130

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from zonewatch.exporters.prometheus import PrometheusSink
 
 log = logging.getLogger(__name__)
+
+SINK_SHUTDOWN_S = 1.5  # the most a stop waits for the sinks' last exports
 
 
 @runtime_checkable
@@ -109,19 +113,40 @@ class Delivery:
                 log.exception("sink %s failed; counting further failures", name)
 
     def close(self) -> None:
+        """Stop the server and every sink at once, then the journal. A sink still shutting
+        down after SINK_SHUTDOWN_S is left behind (the process exits without it): an OTLP
+        collector that is down kept the agent's exit waiting 23 s on export retries."""
         if self._closed:
             return
         self._closed = True
+        shutting = [
+            (sink, threading.Thread(target=self._shutdown, args=(sink,), daemon=True,
+                                    name=f"zw-shutdown-{getattr(sink, 'name', '')}"))
+            for sink in self.sinks
+        ]  # fmt: skip
+        deadline = time.monotonic() + SINK_SHUTDOWN_S
+        for _sink, thread in shutting:
+            thread.start()
         if self.server is not None:
-            self.server.stop()
-        for sink in self.sinks:
-            try:
-                sink.shutdown()
-            except Exception:
-                log.exception("sink %s: shutdown failed", getattr(sink, "name", sink))
+            self.server.stop()  # subscribers get the server's grace meanwhile
+        for sink, thread in shutting:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning(
+                    "sink %s: shutdown unfinished after %.1f s; what it still held is lost",
+                    getattr(sink, "name", sink),
+                    SINK_SHUTDOWN_S,
+                )
         self.journal.close()
         if self.tmp is not None:
             self.tmp.cleanup()
+
+    @staticmethod
+    def _shutdown(sink: Sink) -> None:
+        try:
+            sink.shutdown()
+        except Exception:
+            log.exception("sink %s: shutdown failed", getattr(sink, "name", sink))
 
     def health(self) -> dict[str, Any]:
         """Queue depths and counters for /metrics (read from any thread)."""
@@ -176,28 +201,57 @@ class DeliveryConfig:
 
 def add_options(p: Any) -> None:
     """The delivery options of `zonewatch run` (an argparse parser)."""
-    p.add_argument("--journal", metavar="DIR", help=f"alert journal (default {DEFAULT_JOURNAL})")
+    from zonewatch.options import (
+        grpc_address,
+        journal_dir,
+        listen_address,
+        otlp_endpoint,
+        output_file,
+        pem_file,
+        text_file,
+    )
+
+    p.add_argument("--journal", metavar="DIR", type=journal_dir,
+                   help=f"alert journal (default {DEFAULT_JOURNAL})")  # fmt: skip
     p.add_argument(
         "--grpc",
         metavar="ADDR",
+        type=grpc_address,
         help="gRPC listen address: unix:/PATH or HOST:PORT (default "
         "unix:/run/zonewatch/zonewatch.sock when --tokens is given)",
     )
-    p.add_argument("--tokens", metavar="FILE", help="bearer tokens file (YAML) for gRPC")
-    p.add_argument("--tls-cert", metavar="FILE", help="gRPC server certificate (PEM)")
-    p.add_argument("--tls-key", metavar="FILE", help="gRPC server key (PEM)")
-    p.add_argument("--tls-client-ca", metavar="FILE", help="require client certs from this CA")
+    p.add_argument(
+        "--tokens", metavar="FILE", type=text_file, help="bearer tokens file (YAML) for gRPC"
+    )
+    p.add_argument(
+        "--tls-cert", metavar="FILE", type=pem_file, help="gRPC server certificate (PEM)"
+    )
+    p.add_argument("--tls-key", metavar="FILE", type=pem_file, help="gRPC server key (PEM)")
+    p.add_argument(
+        "--tls-client-ca", metavar="FILE", type=pem_file, help="require client certs from this CA"
+    )
     p.add_argument(
         "--otlp",
         metavar="ENDPOINT",
+        type=otlp_endpoint,
         help="OTLP collector for every signal (or OTEL_EXPORTER_OTLP_[LOGS_|TRACES_|METRICS_]"
         "ENDPOINT)",
     )
     p.add_argument(
         "--otlp-protocol", choices=["grpc", "http/protobuf"], help="default grpc (or OTEL_*)"
     )
-    p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus /metrics on HOST:PORT")
-    p.add_argument("--ocsf", metavar="FILE|-", help="write OCSF Detection Findings (JSON lines)")
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        type=listen_address,
+        help="serve Prometheus /metrics on HOST:PORT",
+    )
+    p.add_argument(
+        "--ocsf",
+        metavar="FILE|-",
+        type=output_file,
+        help="write OCSF Detection Findings (JSON lines)",
+    )
 
 
 def config_from_args(args: Any) -> DeliveryConfig:
@@ -232,7 +286,12 @@ def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
             # than contend for the shared one with other agents on the host.
             tmp = tempfile.TemporaryDirectory(prefix="zonewatch-journal-")
             journal_dir = tmp.name
-    journal = Journal(journal_dir)
+    try:
+        journal = Journal(journal_dir)
+    except OSError as exc:  # read-only, a regular file, no free inodes, ...
+        raise ConfigError(
+            journal_dir, f"cannot keep the alert journal here: {exc.strerror}"
+        ) from None
     all_sinks: list[Sink] = list(sinks)
     try:
         if config.ocsf:
@@ -247,7 +306,13 @@ def build(config: DeliveryConfig, sinks: Sequence[Sink] = ()) -> Delivery:
         if config.metrics:
             from zonewatch.exporters.prometheus import PrometheusSink
 
-            prom = PrometheusSink(config.metrics)
+            try:
+                prom = PrometheusSink(config.metrics)
+            except (OSError, OverflowError) as exc:  # in use, not an address of this host
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise ConfigError(
+                    f"--metrics {config.metrics}", f"cannot listen: {reason}"
+                ) from None
             all_sinks.append(prom)
         server = None
         if config.tokens:
@@ -286,10 +351,13 @@ def watch_agent(delivery: Delivery, agent: Any) -> None:
 
     def health() -> AgentHealth:
         h = delivery.health()
+        rules = agent.rules.engine.counters if agent.rules is not None else None
         return AgentHealth(
             events=agent.counters.events,
             probes=tuple(p.name for p in agent.probes),
             lost=dict(agent.counters.lost_reported),
+            rule_eval_errors=rules.eval_errors if rules else 0,
+            rules_disabled=rules.rules_disabled if rules else 0,
             **h,
         )
 

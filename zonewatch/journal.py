@@ -175,6 +175,43 @@ def decode(line: bytes) -> Alert:
     )
 
 
+# (st_dev, st_ino) of each journal lock file this process holds, by the lock's fd.
+_HELD: dict[int, tuple[int, int]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _lock_journal(directory: Path) -> int:
+    """Lock DIR/lock for this process (ConfigError when another agent holds it); the fd.
+
+    A POSIX record lock, not flock: the kernel drops a POSIX lock as soon as a dying process
+    closes its files, whereas a flock goes with the file's last release, which a killed
+    agent reaches only after its BPF tracepoints are torn down, seconds later: a restart in
+    between was refused ("journal in use"). POSIX locks never conflict inside one process
+    and go with ANY close of the file there, so the process's own journals are kept in
+    _HELD and a second one is refused before it opens the file."""
+    path = directory / "lock"
+    with _HELD_GUARD:
+        with contextlib.suppress(FileNotFoundError):
+            st = path.stat()
+            if (st.st_dev, st.st_ino) in _HELD.values():
+                raise ConfigError(str(directory), "journal in use by this agent")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: another process holds it
+            os.close(fd)
+            raise ConfigError(str(directory), "journal in use by another agent") from None
+        st = os.fstat(fd)
+        _HELD[fd] = (st.st_dev, st.st_ino)
+        return fd
+
+
+def _unlock_journal(fd: int) -> None:
+    with _HELD_GUARD:
+        _HELD.pop(fd, None)
+        os.close(fd)
+
+
 def decode_record(line: bytes) -> Record:
     """An alert or gap line; ValueError when the line is damaged."""
     try:
@@ -325,12 +362,7 @@ class Journal:
         self.dir = Path(directory)
         self.options = options or JournalOptions()
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise ConfigError(str(self.dir), "journal in use by another agent") from None
+        self._lock_fd = _lock_journal(self.dir)
         self._lock = threading.RLock()
         self._segments: list[_Segment] = []
         self._cache: deque[Record] = deque(maxlen=self.options.cache_records)
@@ -909,7 +941,7 @@ class Journal:
             # Nothing above last_seq was issued: the next start numbers on without a gap.
             self._meta.issued = self._meta.reserved = self.last_seq
             self._write_meta(sync=True)
-            os.close(self._lock_fd)
+            _unlock_journal(self._lock_fd)
 
     # -- reading ----------------------------------------------------------------------------
 

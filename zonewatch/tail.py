@@ -16,6 +16,8 @@ import grpc
 import orjson
 
 from zonewatch.model import Lost, Severity, rfc3339_ns
+from zonewatch.options import count, grpc_address, pem_file, sequence_number, text_file
+from zonewatch.tui.escape import escape
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +45,39 @@ FATAL = (
 )
 
 
+def _token(value: str) -> str:
+    """A bearer token, or @FILE holding one (checked: readable UTF-8 text)."""
+    if value.startswith("@"):
+        text_file(value[1:])
+    return value
+
+
 def add_tail_parser(sub: Any) -> None:
     from zonewatch.api.server import DEFAULT_ADDRESS
 
     p = sub.add_parser("tail", help="print alerts from a running agent")
-    p.add_argument("--server", metavar="ADDR", default=DEFAULT_ADDRESS, help="agent's gRPC")
+    p.add_argument("--server", metavar="ADDR", default=DEFAULT_ADDRESS, type=grpc_address,
+                   help="agent's gRPC")  # fmt: skip
     p.add_argument("--tenant", action="append", default=[], help="only this tenant (repeat)")
     p.add_argument("--zone", action="append", default=[], help="only this zone name or id")
     p.add_argument("--min-severity", metavar="S", type=Severity.parse, help="info..critical")
     p.add_argument("--rule", action="append", default=[], help="only this rule (repeat)")
     p.add_argument("--tag", action="append", default=[], help="only alerts with this tag")
-    p.add_argument("--since-seq", metavar="N", type=int, help="replay alerts after seq N first")
-    p.add_argument("--token", metavar="T|@FILE", help="bearer token (default $ZONEWATCH_TOKEN)")
+    p.add_argument(
+        "--since-seq", metavar="N", type=sequence_number, help="replay alerts after seq N first"
+    )
+    p.add_argument(
+        "--token", metavar="T|@FILE", type=_token, help="bearer token (default $ZONEWATCH_TOKEN)"
+    )
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    p.add_argument("--count", metavar="N", type=int, help="exit after N alerts")
-    p.add_argument("--tls-ca", metavar="FILE", help="verify the agent's certificate (TLS)")
-    p.add_argument("--tls-cert", metavar="FILE", help="client certificate (mutual TLS)")
-    p.add_argument("--tls-key", metavar="FILE", help="client key (mutual TLS)")
+    p.add_argument("--count", metavar="N", type=count, help="exit after N alerts")
+    p.add_argument(
+        "--tls-ca", metavar="FILE", type=pem_file, help="verify the agent's certificate (TLS)"
+    )
+    p.add_argument(
+        "--tls-cert", metavar="FILE", type=pem_file, help="client certificate (mutual TLS)"
+    )
+    p.add_argument("--tls-key", metavar="FILE", type=pem_file, help="client key (mutual TLS)")
 
 
 class Printer:
@@ -81,13 +99,15 @@ class Printer:
             return
         from rich.text import Text
 
+        # Guest-chosen text (zone names, paths quoted in summaries) is escaped: raw, a name
+        # holding ESC ] 0 ; ... BEL retitled the terminal and a newline forged a line.
         ts = rfc3339_ns(alert.ts_ns)[11:19]
         line = Text()
         line.append(f"{ts} ")
         line.append(f"{str(alert.severity).upper():<8}", SEVERITY_STYLE[alert.severity])
-        line.append(f" {alert.zone.tenant}/{alert.zone.name} ", "bold")
-        line.append(f"{alert.rule}: ", "magenta")
-        line.append(alert.summary)
+        line.append(f" {escape(alert.zone.tenant, 32)}/{escape(alert.zone.name, 64)} ", "bold")
+        line.append(f"{escape(alert.rule, 64)}: ", "magenta")
+        line.append(escape(alert.summary, 400))
         line.append(f"  #{alert.seq}", "dim")
         self.console.print(line, overflow="ellipsis", no_wrap=True)
 
@@ -145,7 +165,9 @@ def run_tail(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             code = exc.code()
             if code in FATAL:
-                print(f"zonewatch tail: {args.server}: {exc.details()}", file=sys.stderr)
+                print(
+                    f"zonewatch tail: {args.server}: {escape(exc.details() or '')}", file=sys.stderr
+                )
                 return 2
             log.warning("tail: %s (%s); reconnecting", args.server, code.name.lower())
         finally:

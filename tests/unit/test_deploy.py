@@ -121,11 +121,14 @@ def test_daemonset_sends_otlp_and_reads_the_configmap() -> None:
     keys = {i["key"]: i["path"] for i in config["configMap"]["items"]}
     assert set(keys) == set(kind("ConfigMap")["data"])
     mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "config")
-    args = build_parser().parse_args(c["args"])
+    assert "--metrics=$(NODE_IP):9464" in c["args"]
+    # The kubelet expands $(NODE_IP) before the agent parses its arguments.
+    expanded = [a.replace("$(NODE_IP)", "10.0.0.7") for a in c["args"]]
+    args = build_parser().parse_args(expanded)
     assert args.command == "run"
     assert args.tenants == f"{mount}/{keys['tenants.yaml']}"
     assert f"{mount}/{Path(keys['local.yaml']).parent}" in args.rules
-    assert args.metrics == "$(NODE_IP):9464"  # expanded by the kubelet
+    assert args.metrics == "10.0.0.7:9464"
     assert {e["name"] for e in c["env"]} >= {"NODE_IP"}
 
 

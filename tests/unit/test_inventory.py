@@ -52,15 +52,20 @@ class FakeProc:
         tun_ifaces: tuple[str, ...] = (),
         ppid: int = 1,
         fds: dict[int, str] | None = None,
-        netns: str = "net:[4026531840]",
+        netns: str | None = None,  # a name: processes given the same share a namespace
         net_unix: str = "",
         root: Path | None = None,
     ) -> None:
         d = self.root / str(pid)
-        for sub in ("task", "fd", "fdinfo", "ns", "net"):
+        for sub in ("task", "fd", "fdinfo", "net"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         links = {d / "fd" / str(fd): target for fd, target in (fds or {}).items()}
-        links[d / "ns" / "net"] = netns
+        if netns is not None:
+            namespace = self.root.parent / "namespaces" / netns  # one file (inode) each
+            namespace.parent.mkdir(exist_ok=True)
+            namespace.touch()
+            (d / "ns").mkdir(exist_ok=True)
+            links[d / "ns" / "net"] = str(namespace)
         if root is not None:
             links[d / "root"] = links[d / "cwd"] = str(root)
         for link, target in links.items():  # spawned again (to add threads): links replaced
@@ -721,6 +726,7 @@ def test_a_backends_root_is_followed_scan_by_scan(tmp_path: Path) -> None:
     (proc.root / "self" / "mountinfo").write_text("27 1 254:0 / / rw - ext4 /dev/vda rw\n")
     proc.spawn(600, kata_qemu(SANDBOX))
     proc.spawn(700, c_virtiofsd(shared), comm="virtiofsd", root=Path("/"))
+    (proc.root / "700" / "ns").mkdir()
     (proc.root / "700" / "ns" / "mnt").symlink_to("mnt:[4026531832]")  # the host's, for now
     inv = Inventory(proc=proc.root, platform=CriBundles(tmp_path / "b"))
     (zone,) = inv.refresh().added

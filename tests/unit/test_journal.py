@@ -387,8 +387,8 @@ def crash(j: Journal) -> None:
     kill -9)."""
     j._closed.set()
     j._flusher.join()
-    for fd in (j._fd, j._lock_fd):
-        os.close(fd)
+    os.close(j._fd)
+    journal_mod._unlock_journal(j._lock_fd)  # as a dying process's lock goes
 
 
 def test_alerts_held_in_memory_at_a_crash_are_a_not_written_gap_and_never_reissued(

@@ -18,9 +18,8 @@ from zonewatch.probes.records import NETNS_UNPATCHED
 def pod(proc: FakeProc, pid: int, netns: Path) -> None:
     """A VMM holding tap0_kata, its /proc/PID/ns/net standing for the namespace file."""
     proc.spawn(pid, QEMU_ARGV, tun_ifaces=("tap0_kata",))
-    link = proc.root / str(pid) / "ns" / "net"
-    link.unlink(missing_ok=True)  # FakeProc's own ns/net: a symlink no stat follows
-    link.hardlink_to(netns)
+    (proc.root / str(pid) / "ns").mkdir()
+    (proc.root / str(pid) / "ns" / "net").hardlink_to(netns)
 
 
 def test_zones_whose_taps_share_a_name_carry_their_own_namespace(tmp_path: Path) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client import generate_latest
 
+from tests.helpers.cli import zonewatch
+from zonewatch.exporters.prometheus import AgentHealth, PrometheusSink
 from zonewatch.model import FileEvent, NetEvent, ProcEvent, ZoneRef, ZoneStats, record_from_json
 from zonewatch.rules.engine import RuleEngine, RuleSet
 from zonewatch.rules.replay import replay
@@ -144,22 +147,32 @@ def test_a_missing_field_is_counted_not_raised(tmp_path: Path) -> None:
     assert engine.counters.eval_errors == 1
 
 
+def reload(rules: RuleSet) -> bool:
+    """One reload as the agent loop sees it: started, compiled in its thread, swapped."""
+    assert rules.maybe_reload() is False  # started: the running rules stay meanwhile
+    rules.join(60)
+    return rules.maybe_reload()
+
+
 def test_reload_keeps_running_rules_on_a_bad_edit(tmp_path: Path) -> None:
     path = write(tmp_path, MASS)
     rules = RuleSet([path], check_interval=0)
     rules.engine.process([unlink(0), unlink(1)])  # two deletes counted so far
     path.write_text(HEAD + MASS.replace("count(10s)", "count(10s"))
-    assert rules.maybe_reload() is False
+    assert reload(rules) is False
     assert rules.last_error is not None and "r.yaml:" in rules.last_error
+    (rejected,) = rules.engine.tick(2)  # and an alert about the agent says so
+    assert rejected.rule == "zonewatch.rules_rejected"
+    assert rejected.zone.tenant == "" and "r.yaml:" in rejected.evidence["error"]
     assert rules.engine.process([unlink(2)])  # the old rules still run, with their state
     path.write_text(HEAD + MASS + MASS.replace("Mass", "Other"))
-    assert rules.maybe_reload() is True
+    assert reload(rules) is True
     assert rules.last_error is None
     assert {r.name for r in rules.engine.rules} == {"Mass", "Other"}
     # Mass did not change: its window carried over (3 + 1 deletes), Other starts empty
     assert [a.rule for a in rules.engine.process([unlink(3 * S)])] == []  # folded by dedup
     rules.request_reload()
-    assert rules.maybe_reload() is True  # SIGHUP reloads even without a change
+    assert reload(rules) is True  # SIGHUP reloads even without a change
 
 
 def test_replay_round_trips_recorded_lines(tmp_path: Path) -> None:
@@ -194,16 +207,6 @@ def test_replay_round_trips_recorded_lines(tmp_path: Path) -> None:
         "Cloud metadata service contacted from a zone",
         "Zone VMM traced a process",
     ]
-
-
-def zonewatch(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "zonewatch", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
 
 
 def test_rules_test_passes_on_the_default_packs() -> None:
@@ -255,3 +258,85 @@ def test_replay_rejects_a_malformed_line_with_its_number(tmp_path: Path, bad: by
     result = zonewatch("replay", str(rec))
     assert result.returncode == 2
     assert f"{rec}:2: not a recorded line" in result.stderr
+
+
+def alternating_macros(n: int) -> str:
+    """m_i = `file.ret = i or m_i-1` / `file.ret != i and m_i-1`: and/or alternate, so
+    nothing flattens; an event with ret 0 evaluates all n levels, one frame each."""
+    body = "- macro: m0\n  condition: file.path = /deep\n"
+    for i in range(1, n + 1):
+        term = f"file.ret = {i} or" if i % 2 else f"file.ret != {i} and"
+        body += f"- macro: m{i}\n  condition: ({term} m{i - 1})\n"
+    return body
+
+
+def stack_depth() -> int:
+    frame, depth = sys._getframe(), 0
+    while frame is not None:
+        frame, depth = frame.f_back, depth + 1  # type: ignore[assignment]
+    return depth
+
+
+def test_a_rule_that_fails_is_disabled_counted_and_raises_an_agent_alert(tmp_path: Path) -> None:
+    """A real rule, 90 macros deep (within the budget), run with a Python stack too small
+    for it: RecursionError. The rule is switched off and says so; the other rule and the
+    loop go on."""
+    body = alternating_macros(90) + (
+        "- rule: deep\n  condition: channel = file and m90\n  output: x\n  severity: low\n"
+        "- rule: plain\n  condition: channel = file and file.path = /deep\n  output: x\n"
+        "  severity: low\n  dedup: 0s\n"
+    )
+    engine = RuleEngine.load(write(tmp_path, body))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(stack_depth() + 60)  # the engine's own frames fit; 90 levels don't
+    try:
+        alerts = engine.process([unlink(1 * S, "/deep"), unlink(2 * S, "/deep")])
+    finally:
+        sys.setrecursionlimit(limit)
+    disabled = [a for a in alerts if a.rule == "zonewatch.rule_disabled"]
+    assert len(disabled) == 1
+    (alert,) = disabled
+    assert alert.zone == ZONE and alert.ts_ns == 1 * S  # the zone whose event it failed on
+    assert alert.evidence["rule.name"] == "deep"
+    assert alert.evidence["rule.where"].startswith(f"{tmp_path / 'r.yaml'}:")
+    assert alert.evidence["error"].startswith("RecursionError")
+    assert [a.rule for a in alerts if a.rule == "plain"] == ["plain", "plain"]
+    assert (engine.counters.eval_errors, engine.counters.rules_disabled) == (1, 1)
+    # off until the rules reload: with a normal stack it would match, and doesn't run
+    assert [a.rule for a in engine.process([unlink(3 * S, "/deep")])] == ["plain"]
+    assert engine.counters.eval_errors == 1
+    assert next(r for r in engine.rules if r.name == "deep").disabled
+    # reported on /metrics (what delivery.watch_agent hands the Prometheus sink)
+    sink = PrometheusSink(address=None)
+    counters = engine.counters
+    sink.health = lambda: AgentHealth(
+        rule_eval_errors=counters.eval_errors, rules_disabled=counters.rules_disabled
+    )
+    text = generate_latest(sink.registry).decode()
+    assert "zonewatch_rule_eval_errors_total 1.0" in text
+    assert "zonewatch_rules_disabled_total 1.0" in text
+
+
+def test_a_reload_compiles_off_the_loop(tmp_path: Path) -> None:
+    """Rules that take seconds to compile: maybe_reload() returns at once and the running
+    rules keep answering until the new ones are complete."""
+    path = write(tmp_path, MASS)
+    rules = RuleSet([path], check_interval=0)
+    big = " or ".join(f"file.path = /p{i} or file.host_path = /h{i}" for i in range(1000))
+    uses = " or ".join(["big"] * 24)
+    heavy = f"- macro: big\n  condition: ({big})\n" + "".join(
+        f"- rule: r{i}\n  condition: channel = file and ({uses})\n  output: x\n  severity: low\n"
+        for i in range(4)
+    )
+    path.write_text(HEAD + MASS + heavy)
+    started = time.perf_counter()
+    assert rules.maybe_reload() is False  # compiling in its thread
+    returned = time.perf_counter() - started
+    assert returned < 0.2, f"{returned:.2f} s"
+    before = rules.engine
+    assert rules.engine.process([unlink(0), unlink(1), unlink(2)])  # the old rules answer
+    rules.join(60)
+    compiled = time.perf_counter() - started
+    assert rules.maybe_reload() is True
+    assert rules.engine is not before and len(rules.engine.rules) == 5
+    print(f"maybe_reload returned in {returned * 1e3:.1f} ms; compiled in {compiled:.2f} s")

@@ -49,7 +49,7 @@ def snap(ts: int, **rates: float) -> list[ZoneStats]:
 
 def test_escape_makes_terminal_sequences_visible() -> None:
     assert escape("a\x1b[2Jb") == "a\\x1b[2Jb"
-    assert escape("x\x9b31m") == "x\\x9b31m"  # C1 CSI: one byte that starts a sequence
+    assert escape("x\x9b31m") == "x\\u009b31m"  # C1 CSI: one code point starts a sequence
     assert escape("line\nbreak\r\t") == "line\\nbreak\\r\\t"
     assert escape("rtl\u202eevil") == "rtl\\u202eevil"  # bidi override reorders the row
     assert escape("zero\u200bwidth") == "zero\\u200bwidth"

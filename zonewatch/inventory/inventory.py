@@ -234,14 +234,15 @@ class Inventory:
         namespaces (its starter's) are read too."""
         inodes = procfs.socket_inodes(self._proc, pid, first=socket_fd)
         paths: dict[int, str] = {}
-        tables_read: set[str] = set()
+        tables_read: set[int] = set()  # namespaces (inodes) whose table was read
         candidate: int | None = pid
         for _ in range(_ANCESTORS_LOOKED_AT):
             if candidate is None or candidate <= 0 or len(paths) == len(inodes):
                 break
-            namespace = procfs.netns(self._proc, candidate)
-            if namespace is not None and namespace not in tables_read:
-                tables_read.add(namespace)
+            namespace = procfs.net_ns(self._proc, candidate)
+            if namespace is None or namespace.inode not in tables_read:
+                if namespace is not None:
+                    tables_read.add(namespace.inode)
                 left = [i for i in inodes if i not in paths]
                 paths.update(procfs.unix_socket_paths(self._proc, candidate, left))
             stat = procfs.read_stat(self._proc, candidate)
@@ -256,8 +257,8 @@ class Inventory:
         taps = tuple(
             sorted({utf8_text(t) for t in (*procfs.tap_names(self._proc, pid), *spec.tap_names)})
         )
-        netns = procfs.net_ns(self._proc, pid)  # the taps' namespace (a Kata pod's own)
         labels = {**self._platform.labels_for(spec.labels), **spec.labels}
+        netns = procfs.net_ns(self._proc, pid)  # the taps' namespace (a Kata pod's own)
         if existing is not None:
             if labels != existing.labels:  # the platform wrote (or rewrote) the pod's labels
                 tenant = self._tenants.tenant_for(existing.name, labels)

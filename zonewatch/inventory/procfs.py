@@ -214,14 +214,6 @@ def mounts(path: Path) -> list[Mount]:
     return table
 
 
-def netns(proc: Path, pid: int) -> str | None:
-    """The process's network namespace, as `readlink /proc/PID/ns/net` names it."""
-    try:
-        return os.readlink(proc / str(pid) / "ns" / "net")
-    except OSError:
-        return None
-
-
 MAX_SOCKET_FDS = 64  # a backend's sockets looked at (virtiofsd holds a handful)
 
 

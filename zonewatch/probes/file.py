@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from zonewatch.model import Zone, zone_pids
 from zonewatch.probes.base import ZonePidFilter, sum_percpu
-from zonewatch.probes.loader import load_program, syscall_tracepoint_defines
+from zonewatch.probes.loader import load_program, syscall_tracepoint_defines, unload_program
 from zonewatch.probes.maps import MapReader, RecordRingReader
 from zonewatch.probes.records import DECODERS, LostSource, Record
 from zonewatch.probes.tls import task_fsbase_offset
@@ -149,7 +149,7 @@ class FileProbe:
             self._uprobes.close()
             self._uprobes = None
         if self._bpf is not None:
-            self._bpf.cleanup()
+            unload_program(self._bpf)
             self._bpf = None
             self._filter = None
             self._reader = None

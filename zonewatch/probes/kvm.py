@@ -25,7 +25,12 @@ from zonewatch.probes.kvm_stats import (
     UserspaceExitKey,
     ZoneKvm,
 )
-from zonewatch.probes.loader import load_program, tracepoint_defines, tracepoint_fields
+from zonewatch.probes.loader import (
+    load_program,
+    tracepoint_defines,
+    tracepoint_fields,
+    unload_program,
+)
 from zonewatch.probes.maps import MapReader, RecordRingReader
 from zonewatch.probes.records import (
     KVM_DECODERS,
@@ -279,7 +284,7 @@ class KvmProbe:
 
     def detach(self) -> None:
         if self._bpf is not None:
-            self._bpf.cleanup()
+            unload_program(self._bpf)
             self._bpf = None
             self._pids = None
             self._tids = None

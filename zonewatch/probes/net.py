@@ -32,7 +32,7 @@ from zonewatch.model import NetEvent, NetNs, Zone, ZoneRef, ZoneStats
 from zonewatch.probes import tc
 from zonewatch.probes.base import LeavingZones, sum_percpu
 from zonewatch.probes.dns import DnsQuestion, escape_label, parse_dns_query
-from zonewatch.probes.loader import import_bcc, load_program
+from zonewatch.probes.loader import import_bcc, load_program, unload_program
 from zonewatch.probes.maps import MapReader, RecordRingReader
 from zonewatch.probes.net_addresses import ZoneAddresses
 from zonewatch.probes.netns import Namespace, own_inode
@@ -804,7 +804,7 @@ class NetProbe:
         self._blind = {}
         self._tc = None
         if self._bpf is not None:
-            self._bpf.cleanup()
+            unload_program(self._bpf)
             self._bpf = None
             self._reader = None
         self._zone_keys = set()

@@ -28,6 +28,7 @@ from zonewatch.probes.loader import (
     syscall_tracepoint_defines,
     tracepoint_defines,
     tracepoint_fields,
+    unload_program,
 )
 from zonewatch.probes.maps import RecordRingReader
 from zonewatch.probes.records import (
@@ -344,7 +345,7 @@ class ProcProbe:
 
     def detach(self) -> None:
         if self._bpf is not None:
-            self._bpf.cleanup()
+            unload_program(self._bpf)
             self._bpf = None
             self._filter = None
             self._reader = None

@@ -16,7 +16,7 @@ from typing import Any
 from zonewatch.model import Zone, vcpu_tids, zone_pids
 from zonewatch.probes.base import LeavingZones, ZonePidFilter, sum_percpu
 from zonewatch.probes.hist import Log2Hist
-from zonewatch.probes.loader import load_program, tracepoint_defines
+from zonewatch.probes.loader import load_program, tracepoint_defines, unload_program
 from zonewatch.probes.maps import MapReader
 from zonewatch.probes.records import CountLostSource, HistKind, SchedTotal
 
@@ -218,7 +218,7 @@ class SchedProbe:
 
     def detach(self) -> None:
         if self._bpf is not None:
-            self._bpf.cleanup()
+            unload_program(self._bpf)
             self._bpf = None
             self._pids = None
             self._tids = None

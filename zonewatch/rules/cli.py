@@ -10,6 +10,7 @@ from zonewatch.rules.compiler import Problem
 from zonewatch.rules.fields import field_reference
 from zonewatch.rules.fixtures import fixture_files, load_fixtures, run_fixture
 from zonewatch.rules.loader import load
+from zonewatch.tui.escape import escape
 
 
 def _missing(paths: Sequence[str]) -> list[Problem]:
@@ -64,11 +65,11 @@ def run_fixtures(paths: Sequence[str], out: TextIO, verbose: bool = False) -> in
                 passed += 1
                 if verbose:
                     print(f"{fixture.where}: ok   {fixture.rule} / {fixture.name}: "
-                          f"{outcome.message}", file=out)  # fmt: skip
+                          f"{escape(outcome.message, 400)}", file=out)  # fmt: skip
             else:
                 failures += 1
                 print(f"{fixture.where}: FAIL {fixture.rule} / {fixture.name}: "
-                      f"{outcome.message}", file=out)  # fmt: skip
+                      f"{escape(outcome.message, 400)}", file=out)  # fmt: skip
     for name, kinds in covered.items():
         for kind in ("fire", "silent"):
             if kind not in kinds:

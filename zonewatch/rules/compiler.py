@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zonewatch.model import Severity
+from zonewatch.rules.budget import Budget, walk
 from zonewatch.rules.detectors import (
     Baseline,
     CountWindow,
@@ -190,6 +191,7 @@ class CompiledRule:
     window_ns: int  # the longest window the rule looks back over (for lost_in_window)
     fingerprint: str
     errors: int = 0  # events whose fields could not be read (a missing field); no match
+    disabled: bool = False  # it raised (not a missing field): out of the index until reload
 
 
 # -- the compiler ------------------------------------------------------------------------
@@ -233,21 +235,21 @@ def _not(item: Node) -> Node:
     return Not(item)
 
 
-def _field_refs(node: Node | Call | FieldRef | Value) -> Iterable[FieldRef]:
-    if isinstance(node, FieldRef):
-        yield node
-    elif isinstance(node, Call):
-        for arg in node.args:
-            yield from _field_refs(arg)
-    elif isinstance(node, Cmp):
-        yield from _field_refs(node.left)
-    elif isinstance(node, Term):
-        yield from _field_refs(node.call)
-    elif isinstance(node, Not):
-        yield from _field_refs(node.item)
-    elif isinstance(node, And | Or):
-        for item in node.items:
-            yield from _field_refs(item)
+def _operand_refs(operand: Call | FieldRef | Value) -> Iterable[FieldRef]:
+    """Function arguments nest only as deep as the parser allows (parser.MAX_DEPTH)."""
+    if isinstance(operand, FieldRef):
+        yield operand
+    elif isinstance(operand, Call):
+        for arg in operand.args:
+            yield from _operand_refs(arg)
+
+
+def _field_refs(node: Node) -> Iterable[FieldRef]:
+    for n in walk(node):
+        if isinstance(n, Cmp):
+            yield from _operand_refs(n.left)
+        elif isinstance(n, Term):
+            yield from _operand_refs(n.call)
 
 
 def _is_stateful(node: Node) -> bool:
@@ -255,15 +257,9 @@ def _is_stateful(node: Node) -> bool:
 
 
 def _nested_stateful(node: Node) -> Loc | None:
-    if _is_stateful(node):
-        return node.call.loc if isinstance(node, Term) else node.left.loc  # type: ignore[union-attr]
-    if isinstance(node, Not):
-        return _nested_stateful(node.item)
-    if isinstance(node, And | Or):
-        for item in node.items:
-            loc = _nested_stateful(item)
-            if loc:
-                return loc
+    for n in walk(node):
+        if _is_stateful(n):
+            return n.call.loc if isinstance(n, Term) else n.left.loc  # type: ignore[union-attr]
     return None
 
 
@@ -273,7 +269,10 @@ def canon(node: Node) -> str:
         return "true" if node.value else "false"
     if isinstance(node, And | Or):
         joiner = " and " if isinstance(node, And) else " or "
-        return "(" + joiner.join(canon(i) for i in node.items) + ")"
+        parts = []  # a loop, not a generator: one stack frame per level of the condition
+        for item in node.items:
+            parts.append(canon(item))
+        return "(" + joiner.join(parts) + ")"
     if isinstance(node, Not):
         return f"not {canon(node.item)}"
     if isinstance(node, Term):
@@ -284,12 +283,70 @@ def canon(node: Node) -> str:
     return node.name
 
 
-def _both(a: Pred, b: Pred) -> Pred:
-    return lambda e: a(e) and b(e)
+def _all_of(preds: tuple[Pred, ...]) -> Pred:
+    """One node however many terms: a loop, never one stack frame per term."""
+    if len(preds) == 2:
+        a, b = preds
+        return lambda e: a(e) and b(e)
+
+    def all_of(e: Any) -> bool:
+        for p in preds:  # noqa: SIM110 (all() over a generator: slower per event)
+            if not p(e):
+                return False
+        return True
+
+    return all_of
 
 
-def _either(a: Pred, b: Pred) -> Pred:
-    return lambda e: a(e) or b(e)
+def _any_of(preds: tuple[Pred, ...]) -> Pred:
+    if len(preds) == 2:
+        a, b = preds
+        return lambda e: a(e) or b(e)
+
+    def any_of(e: Any) -> bool:
+        for p in preds:  # noqa: SIM110
+            if p(e):
+                return True
+        return False
+
+    return any_of
+
+
+def _one_of(get: Getter, members: frozenset[Any]) -> Pred:
+    """`x = a or x = b or ...` as one lookup; a value that can't be hashed equals none."""
+
+    def one_of(e: Any) -> bool:
+        try:
+            return get(e) in members
+        except TypeError:  # unhashable (a list or map from a recording): == is False
+            return False
+
+    return one_of
+
+
+def _none_of(get: Getter, members: frozenset[Any]) -> Pred:
+    """`x != a and x != b and ...` as one lookup."""
+
+    def none_of(e: Any) -> bool:
+        try:
+            return get(e) not in members
+        except TypeError:
+            return True
+
+    return none_of
+
+
+def _simple(node: Node, op: str) -> str | None:
+    """The field of `field = value` (op "=") or `field != value` (op "!="), else None."""
+    if (
+        isinstance(node, Cmp)
+        and node.op == op
+        and isinstance(node.left, FieldRef)
+        and len(node.values) == 1
+        and not node.is_list
+    ):
+        return node.left.name
+    return None
 
 
 def _negate(a: Pred) -> Pred:
@@ -326,6 +383,7 @@ class Compiler:
         self.macros = macros
         self.lookups = lookups
         self._list_items: dict[str, list[Value]] = {}
+        self.budget = Budget(lists, macros)  # before anything is expanded
 
     # -- expansion ------------------------------------------------------------------------
 
@@ -346,11 +404,7 @@ class Compiler:
 
     def expand(self, node: Node, stack: tuple[str, ...] = ()) -> Node:
         if isinstance(node, MacroRef):
-            macro = self.macros.get(node.name)
-            if macro is None:
-                if node.name in FIELDS:
-                    raise Problem(node.loc.where(), f"field {node.name!r} needs an operator")
-                raise Problem(node.loc.where(), f"unknown macro {node.name!r}")
+            macro = self._known_macro(node)
             if node.name in stack:
                 chain = " -> ".join((*stack, node.name))
                 raise Problem(node.loc.where(), f"macro cycle: {chain}")
@@ -363,23 +417,41 @@ class Compiler:
                 else:
                     values.append(v)
             return Cmp(node.left, node.op, tuple(values), True, node.loc)
-        if isinstance(node, And):
-            return _and(self.expand(i, stack) for i in node.items)
-        if isinstance(node, Or):
-            return _or(self.expand(i, stack) for i in node.items)
+        if isinstance(node, And | Or):
+            items = []  # a loop, not a generator: one stack frame per level of the condition
+            for item in node.items:
+                items.append(self.expand(item, stack))
+            return _and(items) if isinstance(node, And) else _or(items)
         if isinstance(node, Not):
             return _not(self.expand(node.item, stack))
         return node
 
+    def check_list(self, spec: ListSpec) -> None:
+        """A list's own problem (a cycle, over the budget), once, where it is."""
+        self.budget.check_list(spec.name)
+
     def check_macro(self, macro: MacroSpec) -> None:
-        """A macro no rule uses is still checked: its macros, lists and field names."""
-        node = self.expand(macro.node, (macro.name,))
-        for ref in _field_refs(node):
+        """A macro no rule uses is still checked: the budget, then the macros, lists and
+        fields it names (those of the macros it names are checked with them)."""
+        self.budget.check_macro(macro.name)
+        for node in walk(macro.node):
+            if isinstance(node, MacroRef):
+                self._known_macro(node)
+        for ref in _field_refs(macro.node):
             self._field(ref)
+
+    def _known_macro(self, node: MacroRef) -> MacroSpec:
+        macro = self.macros.get(node.name)
+        if macro is None:
+            if node.name in FIELDS:
+                raise Problem(node.loc.where(), f"field {node.name!r} needs an operator")
+            raise Problem(node.loc.where(), f"unknown macro {node.name!r}")
+        return macro
 
     # -- one rule -------------------------------------------------------------------------
 
     def compile_rule(self, spec: RuleSpec) -> CompiledRule:
+        self.budget.check_rule(spec.name, spec.condition, spec.where)
         node = self.expand(spec.condition)
         conjuncts = list(node.items) if isinstance(node, And) else [node]
         channels: set[str] = set(CHANNELS)
@@ -491,19 +563,47 @@ class Compiler:
         if isinstance(node, Const):
             return _constant(node.value)
         if isinstance(node, And | Or):
-            preds = [self.pred(i, ch) for i in node.items]
-            join = _both if isinstance(node, And) else _either
-            # Nest pairwise so each level is one plain lambda (faster than all()/any()).
-            result = preds[-1]
-            for p in reversed(preds[:-1]):
-                result = join(p, result)
-            return result
+            preds = self._terms(node, ch)
+            if len(preds) == 1:
+                return preds[0]
+            return _all_of(preds) if isinstance(node, And) else _any_of(preds)
         if isinstance(node, Not):
             return _negate(self.pred(node.item, ch))
         if isinstance(node, Cmp) and isinstance(node.left, FieldRef):
             f = self._field(node.left)
             return self.compare(node, f, f.getter(ch, self.lookups))
         raise AssertionError(f"not compilable here: {node!r}")  # expand() removed the rest
+
+    def _terms(self, node: And | Or, ch: str) -> tuple[Pred, ...]:
+        """The items' predicates in order; a run of `x = a or x = b ...` (`x != a and
+        x != b ...` in an and) on one field becomes one set lookup. Runs are of adjacent
+        terms only, so every getter is still called in the order written."""
+        op = "=" if isinstance(node, Or) else "!="
+        preds: list[Pred] = []
+        run: list[Cmp] = []
+
+        def close_run() -> None:
+            if len(run) == 1:
+                preds.append(self.pred(run[0], ch))
+            elif run:
+                f = self._field(run[0].left)  # type: ignore[arg-type]
+                get = f.getter(ch, self.lookups)
+                for cmp in run:  # each term's own checks (operator, value) and errors
+                    self.compare(cmp, f, get)
+                members = frozenset(self._const(c.values[0], f.type) for c in run)
+                preds.append(_one_of(get, members) if op == "=" else _none_of(get, members))
+            run.clear()
+
+        for item in node.items:
+            name = _simple(item, op)
+            if name is None or (run and _simple(run[0], op) != name):
+                close_run()
+            if name is None:
+                preds.append(self.pred(item, ch))
+            else:
+                run.append(item)  # type: ignore[arg-type]
+        close_run()
+        return tuple(preds)
 
     def _const(self, v: Value, ftype: FieldType) -> Any:
         text = v.text

@@ -8,11 +8,17 @@
 
 An event meets only the rules that can match it: rules are indexed by (channel, op), and
 each index entry holds the rule's closure for that channel. Hot reload: RuleSet.
+
+Nothing a rule does at evaluation leaves the engine: an event lacking a field a rule reads
+counts as an evaluation error of that rule (no match); a rule that fails any other way is
+disabled until the next reload, and says so in a `zonewatch.rule_disabled` alert.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from zonewatch.errors import ConfigError
-from zonewatch.model import Alert, ZoneRef, ZoneStats
+from zonewatch.model import Alert, Severity, ZoneRef, ZoneStats
 from zonewatch.rules.compiler import CompiledRule, Plan, Pred, Problem
 from zonewatch.rules.dedup import Dedup, LossLedger
 from zonewatch.rules.fields import Lookups
@@ -30,6 +36,18 @@ log = logging.getLogger(__name__)
 
 PRUNE_EVERY_NS = 10 * 10**9
 _NO_VALUES: dict[str, Any] = {}
+# Alerts about the agent itself. A rule that failed names the zone whose event it failed
+# on; a rules file refused names the agent's host (tenant "": only tokens for all see it).
+RULE_DISABLED = "zonewatch.rule_disabled"
+RULES_REJECTED = "zonewatch.rules_rejected"
+AGENT_TAGS = ("agent", "rules")
+DETAIL_LIMIT = 300  # characters of an error kept in an alert's evidence
+# Errors of an event, not of the rule: a field the event lacks or holds as another type.
+DATA_ERRORS = (AttributeError, TypeError, ValueError, KeyError)
+
+
+def host_zone() -> ZoneRef:
+    return ZoneRef("host", socket.gethostname(), "", "")
 
 
 def _no_addresses() -> Mapping[str, ZoneRef]:
@@ -60,7 +78,8 @@ class EngineCounters:
     events: int = 0
     matches: int = 0
     alerts: int = 0
-    eval_errors: int = 0  # events a rule could not read (a field missing); not matches
+    eval_errors: int = 0  # rule evaluations that raised: a field missing, or the rule failed
+    rules_disabled: int = 0  # rules that failed on their own and were switched off
 
 
 Entry = tuple[Pred, CompiledRule, Plan]
@@ -77,6 +96,7 @@ class RuleEngine:
     counters: EngineCounters = field(default_factory=EngineCounters)
     _index: dict[tuple[str, str], tuple[Entry, ...]] = field(default_factory=dict)
     _next_prune: int = 0
+    _agent_alerts: list[Alert] = field(default_factory=list)  # handed out by the next tick
 
     def __post_init__(self) -> None:
         if self.dedup is None:
@@ -103,6 +123,7 @@ class RuleEngine:
             for rule in self.rules
             if (plan := rule.plans.get(channel)) is not None
             and (rule.ops is None or op in rule.ops)
+            and not rule.disabled
         )
         self._index[(channel, op)] = entries
         return entries
@@ -122,9 +143,11 @@ class RuleEngine:
                 try:
                     if pred(e):
                         self._matched(rule, plan, e, out)
-                except (AttributeError, TypeError, ValueError, KeyError):
+                except DATA_ERRORS:
                     rule.errors += 1
                     self.counters.eval_errors += 1
+                except Exception as exc:  # any failure of the rule itself
+                    self._disable(rule, e, exc, out)
         self.counters.events += n
         return out
 
@@ -138,10 +161,40 @@ class RuleEngine:
                 try:
                     if pred(s):
                         self._matched(rule, plan, s, out)
-                except (AttributeError, TypeError, ValueError, KeyError):
+                except DATA_ERRORS:
                     rule.errors += 1
                     self.counters.eval_errors += 1
+                except Exception as exc:  # any failure of the rule itself
+                    self._disable(rule, s, exc, out)
         return out
+
+    def _disable(self, rule: CompiledRule, e: Any, exc: Exception, out: list[Alert]) -> None:
+        """Switch off a rule that failed on its own, and raise an alert saying so."""
+        if rule.disabled:  # already off: a later entry of the same batch
+            return
+        rule.disabled = True
+        rule.errors += 1
+        self.counters.eval_errors += 1
+        self.counters.rules_disabled += 1
+        self._index.clear()  # rebuilt without it
+        error = f"{type(exc).__name__}: {exc}"[:DETAIL_LIMIT]
+        log.error("rule %r (%s) disabled until the rules reload: %s", rule.name, rule.where, error)
+        out.append(
+            Alert(
+                ts_ns=e.ts_ns,
+                zone=e.zone,
+                rule=RULE_DISABLED,
+                severity=Severity.HIGH,
+                summary=f"rule {rule.name!r} failed and is disabled until the rules reload",
+                tags=AGENT_TAGS,
+                evidence={"rule.name": rule.name, "rule.where": rule.where, "error": error},
+            )
+        )
+        self.counters.alerts += 1
+
+    def agent_alert(self, alert: Alert) -> None:
+        """An alert about the agent's rules, handed out by the next tick()."""
+        self._agent_alerts.append(alert)
 
     def _matched(self, rule: CompiledRule, plan: Plan, e: Any, out: list[Alert]) -> None:
         key = plan.key(e)
@@ -177,6 +230,9 @@ class RuleEngine:
         now = time.time_ns() if now_ns is None else now_ns
         assert self.dedup is not None
         out = self.dedup.tick(now)
+        if self._agent_alerts:
+            out += self._agent_alerts
+            self._agent_alerts = []
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY_NS
             for rule in self.rules:
@@ -198,10 +254,13 @@ class RuleEngine:
 
     def adopt(self, old: RuleEngine) -> int:
         """Take over a running engine's state (after a reload): open de-duplication windows,
-        the loss ledger, and the learned state of every rule whose meaning did not change.
+        the loss ledger, the counters, and the learned state of every rule whose meaning
+        did not change.
         Returns how many rules kept their state."""
         self.losses = old.losses
         self.dedup = old.dedup
+        self.counters = old.counters  # counted over the agent's life, not one rule set's
+        self._agent_alerts = old._agent_alerts + self._agent_alerts
         previous = {r.name: r for r in old.rules}
         kept = 0
         for rule in self.rules:
@@ -213,8 +272,12 @@ class RuleEngine:
 
 
 class RuleSet:
-    """The running rules, reloaded when a rules file changes or on request (SIGHUP). A bad
-    edit keeps the running rules, and `last_error` (and the log) says why.
+    """The running rules, reloaded when a rules file changes or on request (SIGHUP).
+
+    A reload compiles in a thread of its own, into a new engine the running one never sees,
+    so the agent loop keeps draining events meanwhile; only an engine that compiled
+    completely is swapped in (taking over the state of unchanged rules). A bad edit keeps
+    the running rules: `last_error`, the log and a `zonewatch.rules_rejected` alert say why.
 
     The agent loop calls `maybe_reload()` often; it looks at the files at most every
     `check_interval` seconds. `request_reload()` only sets a flag: safe in a signal handler.
@@ -235,10 +298,16 @@ class RuleSet:
         self.reloads = 0
         self._requested = False
         self._next_check = time.monotonic() + check_interval
+        self._compiling: threading.Thread | None = None
+        self._compiled: RuleEngine | Exception | None = None
 
     def _files_stamp(self) -> tuple[tuple[str, int, int], ...]:
         stamp = []
-        for f in rule_files(self.paths):
+        try:
+            files = rule_files(self.paths)
+        except OSError as exc:  # a directory that went away or can't be listed
+            return ((f"{exc.filename}: {exc.strerror}", -1, -1),)
+        for f in files:
             try:
                 st = f.stat()
                 stamp.append((str(f), st.st_mtime_ns, st.st_size))
@@ -250,7 +319,12 @@ class RuleSet:
         self._requested = True
 
     def maybe_reload(self) -> bool:
-        """Reload if asked to or if a rules file changed; True when new rules run now."""
+        """Start a reload if asked to or if a rules file changed; swap in a finished one.
+        True when new rules run from now on."""
+        if self._compiling is not None:
+            if self._compiling.is_alive():
+                return False
+            return self._finish()
         now = time.monotonic()
         if not self._requested and now < self._next_check:
             return False
@@ -260,15 +334,51 @@ class RuleSet:
             return False
         self._requested = False
         self._stamp = stamp
+        self._compiling = threading.Thread(
+            target=self._compile, name="zonewatch-rules-reload", daemon=True
+        )
+        self._compiling.start()
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for a reload under way to finish compiling (the next maybe_reload swaps)."""
+        if self._compiling is not None:
+            self._compiling.join(timeout)
+
+    def _compile(self) -> None:
         try:
-            engine = RuleEngine.load(self.paths, self.context)
-        except RulesError as exc:
-            self.last_error = str(exc)
-            log.error("rules not reloaded, the running rules stay: %s", exc)
+            self._compiled = RuleEngine.load(self.paths, self.context)
+        except Exception as exc:  # RulesError; anything else is a bug, never the agent's end
+            self._compiled = exc
+
+    def _finish(self) -> bool:
+        compiled, self._compiled, self._compiling = self._compiled, None, None
+        if isinstance(compiled, RulesError):
+            self._rejected(str(compiled), len(compiled.problems))
             return False
-        kept = engine.adopt(self.engine)
-        self.engine = engine
+        if not isinstance(compiled, RuleEngine):
+            log.error("rules reload failed", exc_info=compiled)
+            self._rejected(f"internal error: {type(compiled).__name__}: {compiled}", 1)
+            return False
+        kept = compiled.adopt(self.engine)
+        self.engine = compiled
         self.last_error = None
         self.reloads += 1
-        log.info("rules reloaded: %d rule(s), %d kept their state", len(engine.rules), kept)
+        log.info("rules reloaded: %d rule(s), %d kept their state", len(compiled.rules), kept)
         return True
+
+    def _rejected(self, error: str, problems: int) -> None:
+        """A reload that did not pass: the running rules stay, and an alert says why."""
+        self.last_error = error
+        log.error("rules not reloaded, the running rules stay: %s", error)
+        self.engine.agent_alert(
+            Alert(
+                ts_ns=time.time_ns(),
+                zone=host_zone(),
+                rule=RULES_REJECTED,
+                severity=Severity.MEDIUM,
+                summary=f"rules not reloaded ({problems} problem(s)); the running rules stay",
+                tags=AGENT_TAGS,
+                evidence={"problems": problems, "error": error[:DETAIL_LIMIT]},
+            )
+        )

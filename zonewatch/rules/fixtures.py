@@ -32,6 +32,7 @@ from yaml.nodes import MappingNode, SequenceNode
 from zonewatch.model import Alert, Lost, ZoneRef, ZoneStats, record_from_json, rfc3339_ns
 from zonewatch.rules.compiler import Problem, parse_duration
 from zonewatch.rules.engine import RuleContext, RuleEngine
+from zonewatch.rules.loader import BoundedLoader
 
 BASE_NS = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z: fixtures start here
 DEFAULT_ZONE = {"id": "zone-a", "name": "zone-a", "tenant": "acme", "vmm": "qemu"}
@@ -136,7 +137,7 @@ def load_fixtures(path: Path) -> tuple[list[Fixture], list[Problem]]:
     fixtures: list[Fixture] = []
     problems: list[Problem] = []
     try:
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=BoundedLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else f"{name}:1:1"

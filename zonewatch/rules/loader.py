@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import yaml
 import yaml.reader
+from yaml.composer import ComposerError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from zonewatch.model import Severity
@@ -82,6 +83,24 @@ EXCEPTION_COMPS = frozenset(
 )  # fmt: skip
 DEFAULT_LEARN = "10m"
 DEFAULT_DEDUP = "60s"
+YAML_LEVELS = 32  # lists and mappings inside each other; a rules file needs about 7
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting deeper than YAML_LEVELS: its composer
+    recurses once per level, and `[[[[...` a few hundred deep would end in RecursionError."""
+
+    levels = 0
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        if self.levels >= YAML_LEVELS:
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise ComposerError(None, None, f"nested deeper than {YAML_LEVELS} levels", mark)
+        self.levels += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.levels -= 1
 
 
 class Source:
@@ -252,7 +271,7 @@ class Loader:
     def read_text(self, text: str, name: str) -> None:
         self.src = Source(name, text)
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yaml.compose(text, Loader=BoundedLoader)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else f"{name}:1:1"
@@ -569,6 +588,11 @@ def load(paths: Sequence[str | Path], lookups: Lookups | None = None) -> Loaded:
     out.problems.extend(loader.problems)
     out.specs = loader.finish()
     compiler = Compiler(loader.lists, loader.macros, lookups or Lookups())
+    for lst in loader.lists.values():
+        try:
+            compiler.check_list(lst)
+        except Problem as problem:
+            out.problems.append(problem)
     for macro in loader.macros.values():
         try:
             compiler.check_macro(macro)

@@ -21,6 +21,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 MAX_DEPTH = 64  # nesting; deeper input is an error, never a RecursionError
+CODE_DEPTH = "parse.depth"
 
 CMP_OPS = frozenset({"=", "!=", "<", "<=", ">", ">="})
 WORD_OPS = frozenset(
@@ -54,10 +55,15 @@ class Text:
 
 
 class SyntaxProblem(Exception):
-    def __init__(self, where: str, message: str) -> None:
-        super().__init__(f"{where}: {message}")
+    """A rules problem at file:line:col. A `code` (budget.terms, ...) names the kind of
+    refusal for scripts; it leads the message in brackets."""
+
+    def __init__(self, where: str, message: str, code: str = "") -> None:
         self.where = where
-        self.message = message
+        self.code = code
+        self.detail = message  # without the code
+        self.message = f"[{code}] {message}" if code else message
+        super().__init__(f"{where}: {self.message}")
 
 
 @dataclass(slots=True, frozen=True)
@@ -271,7 +277,8 @@ class Parser:
     def nested(self, rule: Callable[[], T]) -> T:
         self.depth += 1
         if self.depth > MAX_DEPTH:
-            raise self.fail(self.tok, f"nested deeper than {MAX_DEPTH} levels")
+            where = self.src.where(self.tok.offset)
+            raise SyntaxProblem(where, f"nested deeper than {MAX_DEPTH} levels", CODE_DEPTH)
         try:
             return rule()
         finally:
