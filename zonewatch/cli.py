@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -218,6 +219,22 @@ def _inventory(args: argparse.Namespace, tenants: TenantMap | None = None) -> In
     )
 
 
+def stop_on_signal(stop: threading.Event) -> Callable[[int, Any], None]:
+    """The agent's SIGINT/SIGTERM handler: log and set `stop`. A child forked from the agent
+    inherits it (pyroute2 forks one to enter a pod's network namespace, and SIGTERMs it when
+    done): there it exits at once, as the default action would, instead of logging that the
+    agent stops and living on."""
+    agent_pid = os.getpid()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if os.getpid() != agent_pid:
+            os._exit(128 + signum)
+        log.info("stopping on %s", signal.Signals(signum).name)
+        stop.set()
+
+    return on_signal
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from zonewatch.agent import Agent, AgentOptions
     from zonewatch.exporters.base import Sink
@@ -266,11 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tenants=tenants_file,
     )
     stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("stopping on %s", signal.Signals(signum).name)
-        stop.set()
-
+    on_signal = stop_on_signal(stop)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     reloadable = [f for f in (rules, tenants_file) if f is not None]

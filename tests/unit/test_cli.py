@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -234,3 +237,32 @@ def test_good_values_parse(option: str, value: str) -> None:
 
     args = build_parser().parse_args(["run", option, value])  # SystemExit(2) if refused
     assert str(getattr(args, option[2:].replace("-", "_"))) == value
+
+
+def test_sigterm_stops_the_agent_but_a_child_forked_from_it_just_exits() -> None:
+    """pyroute2 forks a child to enter a pod's network namespace and SIGTERMs it when done:
+    the child must die (not log "stopping on SIGTERM" and live on), the agent keep going."""
+    from zonewatch.cli import stop_on_signal
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, stop_on_signal(stop))
+    try:
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: exits 0 only if SIGTERM did not end it within 5 s
+            os.write(ready_w, b"x")  # (a signal before Python's after-fork reset is dropped)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+            os._exit(0)
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"x"
+        os.close(ready_r)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM
+        assert not stop.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,18 +1,20 @@
 """Guest workloads (busybox sh) for lab zones: what `make demo` and the e2e tests run.
 
 Every function returns script text for `ZoneSpec.workload`; the guest runs it with ZW_NAME,
-ZW_TENANT, ZW_HOST_IP, ZW_GUEST_IP and ZW_SHARE (/mnt/share, its 9p share) set. The attack
+ZW_TENANT, ZW_HOST_IP, ZW_GUEST_IP and ZW_SHARE (/mnt/share, its 9p or, on a kata zone,
+virtiofs share) set. The attack
 steps are what the default rules in rules/ detect from the host:
 
 - `metadata_request`: a TCP connection to 169.254.169.254:80 (network: cloud metadata);
 - `connect`: a TCP connection to another zone (network: another tenant's zone);
 - `port_scan`: connections to many closed ports of one address (network: port scan);
-- `plant_ssh_key`: root/.ssh/authorized_keys written in the share (files: SSH keys);
+- `plant_ssh_key`: root/.ssh/authorized_keys written in the share (files: SSH keys; the
+  9p share's writer is QEMU, a kata zone's virtiofs share's is virtiofsd);
 - `share_escape_attempt`: ways out of the share tried from the guest (files: device node).
 
-A lab guest has no default route: a step that reaches past its tap's /30 needs
-`route_via_host` first, and the host decides what becomes of it (the demo and the
-detection test keep all of it on this machine).
+A lab guest has no default route: a step that reaches past its /30 (its tap's, or a kata
+pod's veth's) needs `route_via_host` first, and the host decides what becomes of it (the
+demo and the detection test keep all of it on this machine).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def gate(name: str) -> str:
 
 
 def route_via_host(ip: str) -> str:
-    """Send traffic for `ip` to the host end of the zone's tap."""
+    """Send traffic for `ip` to the host end of the zone's network (tap, or kata veth)."""
     return f"ip route add {ip}/32 via $ZW_HOST_IP\n"
 
 
@@ -85,7 +87,11 @@ def share_escape_attempt() -> str:
     - a block device node for the host's first disk (8:0) in the share: QEMU's mknodat
       and its user.virtfs.rdev xattr, which "Device node created through a share" raises.
     None of them gets out (QEMU resolves every path inside the share); the attempt is what
-    the host observes."""
+    the host observes.
+
+    On a kata zone's virtiofs share (virtiofsd, no xattr mapping) the host gets the real
+    things, made by virtiofsd: a symlink to /etc/shadow (op symlink) and a block device node
+    8:0 (op mknod, mode 060644), then its unlink; the same rule raises on the mknod."""
     return (
         "mkdir -p $ZW_SHARE/.cache\n"
         "ln -sf /etc/shadow $ZW_SHARE/.cache/shadow\n"
