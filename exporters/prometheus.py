@@ -3,7 +3,7 @@
 Names follow the OTel-to-Prometheus translation (`_total`, unit suffixes). What the kernel
 counts is a `_total` counter (the stats snapshots carry per-interval rates: rate x interval
 is added up here), so rate() works over any range; latencies are cumulative histograms;
-ratios are in 0..1. Labels stay bounded (zone, tenant, reason, source, severity; never pids
+ratios are in 0..1. Labels stay bounded (zone, tenant, reason, source, severity, channel; never pids
 or addresses: an unnamed zone is labelled by its VMM and a hash of its id). The sink reads
 records the agent already exports (stats, lost, alerts) and asks the agent for the rest
 through `health` (events in, probes attached, subscriber queue depths).
@@ -39,6 +39,8 @@ class AgentHealth:
     journal_write_errors: int = 0
     otlp_dropped: int = 0
     lost: dict[str, int] = field(default_factory=dict)  # source -> events lost so far
+    # (zone, channel, reason) of each channel blind to a zone (zonewatch.coverage REASONS)
+    blind: list[tuple[ZoneRef, str, str]] = field(default_factory=list)
     rule_eval_errors: int = 0  # rule evaluations that raised (zonewatch.rules.engine)
     rules_disabled: int = 0  # rules switched off because they failed
 
@@ -188,6 +190,17 @@ def _ratio(value: float) -> float:
     return min(max(value, 0.0), 1.0)
 
 
+def _blind_gauge(blind: Sequence[tuple[ZoneRef, str, str]]) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(
+        "zonewatch_zone_channel_blind",
+        "1 for each channel that does not (fully) see a zone, by reason (zonewatch zones)",
+        labels=["zone", "tenant", "channel", "reason"],
+    )
+    for ref, channel, reason in blind:
+        g.add_metric([zone_label(ref), utf8_text(ref.tenant), channel, reason], 1)
+    return g
+
+
 class _Collector(Collector):
     def __init__(self, sink: PrometheusSink) -> None:
         self.sink = sink
@@ -268,6 +281,7 @@ class _Collector(Collector):
 def _agent_families(h: AgentHealth) -> Iterator[Any]:
     """The agent's own health: events in, probes, queues, journal, exporters, rules."""
     yield CounterMetricFamily("zonewatch_events", "Events read from the probes", value=h.events)
+    yield _blind_gauge(h.blind)
     probes = GaugeMetricFamily("zonewatch_probe_attached", "Probes attached", labels=["probe"])
     for p in h.probes:
         probes.add_metric([p], 1)

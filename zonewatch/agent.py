@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from zonewatch import coverage
 from zonewatch.aggregate import Aggregator
 from zonewatch.audit import audit
 from zonewatch.delivery import Delivery
@@ -92,6 +93,9 @@ class Agent:
             rules.context.zone_addresses = self.zone_addresses
         self._aggregator: Aggregator | None = None
         self._findings: set[tuple[str, str, str]] = set()  # audit findings already raised
+        # Which channels see each zone (zonewatch.coverage), after each rescan.
+        self.coverage: list[coverage.ZoneCoverage] = []
+        self._blind_logged: set[tuple[str, str]] = set()  # (channel, reason) said in the log
         # Seconds the rules took over one batch (the /metrics histogram, when served).
         self.on_rule_eval: Callable[[float], None] | None = None
 
@@ -125,6 +129,7 @@ class Agent:
                 len(self.inventory.zones),
             )
             self._audit()
+            self._check_coverage()
             if self._on_attached:
                 self._on_attached()
             self._loop(stop)
@@ -229,6 +234,12 @@ class Agent:
     def _zones_changed(self, change: InventoryChange) -> None:
         if not change:
             return
+        try:
+            self._apply(change)
+        finally:
+            self._check_coverage()
+
+    def _apply(self, change: InventoryChange) -> None:
         zones = list(self.inventory.zones.values())
         for probe in self.probes:
             probe.set_zones(zones)
@@ -243,6 +254,37 @@ class Agent:
             for pid in zone.pids:
                 self.attribution.files.fds.forget_pid(pid)
         self._audit()
+
+    def _check_coverage(self) -> None:
+        """Which channels see each zone now; each cause of a blind spot logged once (when
+        the first zone has it, again only after it cleared for every zone), naming a zone;
+        `zonewatch zones` and the zonewatch_zone_channel_blind gauge list them all."""
+        net_causes: dict[int, dict[str, str]] = {}
+        for probe in self.probes:
+            if isinstance(probe, NetProbe):
+                net_causes = probe.blind_causes()
+        self.coverage = coverage.from_probes(
+            list(self.inventory.zones.values()), {p.name for p in self.probes}, net_causes
+        )
+        causes = coverage.blind_keys(self.coverage)
+        for channel, reason in sorted(causes - self._blind_logged):
+            hit = [
+                (c.zone.name, v.detail)
+                for c in self.coverage
+                for v in c.blind()
+                if (v.channel, v.reason) == (channel, reason)
+            ]
+            log.warning(
+                "%s channel blind to %d zone(s) (%s), e.g. %s: %s",
+                channel,
+                len(hit),
+                reason,
+                hit[0][0],
+                hit[0][1],
+            )
+        for channel, reason in sorted(self._blind_logged - causes):
+            log.info("%s channel: no zone blind by %s any more", channel, reason)
+        self._blind_logged = causes
 
     def _audit(self) -> None:
         """Raise each isolation finding (zonewatch.audit) once per zone, as an alert."""

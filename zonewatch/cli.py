@@ -341,21 +341,27 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_zones(args: argparse.Namespace) -> int:
+    from zonewatch import coverage
+
     inventory = _inventory(args)
     inventory.refresh()
     zones = sorted(inventory.zones.values(), key=lambda z: (z.tenant, z.name))
+    covered = list(zip(zones, coverage.standalone(zones), strict=True))
     if args.json:
-        sys.stdout.buffer.write(
-            orjson.dumps([z.to_json() for z in zones], option=orjson.OPT_INDENT_2)
-        )
+        listed = [z.to_json() | {"coverage": c.to_json()} for z, c in covered]
+        sys.stdout.buffer.write(orjson.dumps(listed, option=orjson.OPT_INDENT_2))
         sys.stdout.write("\n")
         return 0
-    print(f"{'NAME':<20} {'TENANT':<12} {'VMM':<12} {'PID':>7} {'VCPUS':>5} TAPS")
-    for z in zones:
+    print(f"{'NAME':<20} {'TENANT':<10} {'VMM':<10} {'PID':>7} {'VCPUS':>5} {'TAPS':<10} BLIND")
+    for z, c in covered:
+        blind = " ".join(f"{v.channel}:{v.reason}" for v in c.blind()) or "-"
         print(
-            f"{escape(z.name, 20):<20} {escape(z.tenant, 12):<12} {z.vmm[:12]:<12} {z.pid:>7} "
-            f"{len(z.vcpu_tids):>5} {escape(','.join(z.taps), 18)}"
+            f"{escape(z.name, 20):<20} {escape(z.tenant, 10):<10} {z.vmm[:10]:<10} {z.pid:>7} "
+            f"{len(z.vcpu_tids):>5} {escape(','.join(z.taps), 10):<10} {blind}"
         )
+    for z, c in covered:
+        for v in c.blind():
+            print(f"{escape(z.name, 256)}: {v.channel} blind ({v.reason}): {escape(v.detail, 400)}")
     return 0
 
 

@@ -356,6 +356,7 @@ def watch_agent(delivery: Delivery, agent: Any) -> None:
             events=agent.counters.events,
             probes=tuple(p.name for p in agent.probes),
             lost=dict(agent.counters.lost_reported),
+            blind=[(c.zone, v.channel, v.reason) for c in agent.coverage for v in c.blind()],
             rule_eval_errors=rules.eval_errors if rules else 0,
             rules_disabled=rules.rules_disabled if rules else 0,
             **h,

@@ -102,8 +102,78 @@ def checks() -> list[Check]:
     out.append(
         Check("QEMU", qemu is not None, qemu or "qemu-system-x86 not installed", essential=False)
     )
+    out.append(tc_check())
     out.append(netns_entry_check())
     return out
+
+
+CAP_NET_ADMIN = 12
+TC = "net (tc on taps)"
+NETNS = "pod network namespaces"
+SYSCALLS = "file (syscall tracepoints)"
+SCHED = "proc (sched tracepoints)"
+KVM = "kvm (kvm tracepoints)"
+
+# Layout -> channel -> the checks above it needs (None: the layout has nothing there), as
+# docs/layouts.md explains. Taps in a namespace of their own need NETNS; vCPU threads left
+# unnamed (Kata's QEMU, Firecracker, Cloud Hypervisor) are found by KVM_RUN, through KVM.
+LAYOUTS: dict[str, dict[str, tuple[str, ...] | None]] = {
+    "QEMU (plain)": {
+        "kvm": (KVM,), "net": (TC,), "file": (SYSCALLS,), "proc": (SCHED,), "sched": (SCHED,),
+    },
+    "Kata with QEMU": {
+        "kvm": (KVM,), "net": (TC, NETNS), "file": (SYSCALLS,), "proc": (SCHED,),
+        "sched": (SCHED, KVM),
+    },
+    "Firecracker with jailer": {
+        "kvm": (KVM,), "net": (TC, NETNS), "file": None, "proc": (SCHED,), "sched": (SCHED, KVM),
+    },
+    "Cloud Hypervisor": {
+        "kvm": (KVM,), "net": (TC,), "file": (SYSCALLS,), "proc": (SCHED,), "sched": (SCHED, KVM),
+    },
+    "crosvm": {
+        "kvm": (KVM,), "net": (TC,), "file": (SYSCALLS,), "proc": (SCHED,), "sched": (SCHED, KVM),
+    },
+}  # fmt: skip
+
+
+@dataclass(slots=True, frozen=True)
+class LayoutVerdict:
+    layout: str
+    watched: tuple[str, ...]  # channels this host can watch on it
+    unwatched: dict[str, tuple[str, ...]]  # channel -> the failed checks it needs
+    absent: tuple[str, ...]  # channels the layout has nothing on (Firecracker: file)
+
+
+def layouts(results: list[Check]) -> list[LayoutVerdict]:
+    """Each production layout's channels this host can watch, from the checks' results."""
+    ok = {c.name for c in results if c.ok}
+    out = []
+    for layout, channels in LAYOUTS.items():
+        watched, absent, unwatched = [], [], {}
+        for channel, needs in channels.items():
+            if needs is None:
+                absent.append(channel)
+            elif missing := tuple(n for n in needs if n not in ok):
+                unwatched[channel] = missing
+            else:
+                watched.append(channel)
+        out.append(LayoutVerdict(layout, tuple(watched), unwatched, tuple(absent)))
+    return out
+
+
+def _effective_caps() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def tc_check() -> Check:
+    """The net channel adds tc filters (and a clsact qdisc) on each tap: CAP_NET_ADMIN."""
+    if _effective_caps() & (1 << CAP_NET_ADMIN):
+        return Check(TC, True, "CAP_NET_ADMIN: tc filters on taps", essential=False)
+    return Check(TC, False, "no CAP_NET_ADMIN: the net channel sees nothing", essential=False)
 
 
 CLONE_NEWNET = 0x40000000
@@ -133,7 +203,7 @@ def netns_entry_check() -> Check:
     """Kata pods and jailed microVMs keep their taps in network namespaces of their own: the
     net probe enters a VMM's namespace (setns, which needs CAP_SYS_ADMIN) to find its tap and
     put its tc filters there. Tried for real: a child makes a namespace, another enters it."""
-    name = "pod network namespaces"
+    name = NETNS
     ready_r, ready_w = os.pipe()
     hold_r, hold_w = os.pipe()
 
@@ -195,4 +265,13 @@ def run_doctor() -> int:
     for c in results:
         mark = "ok  " if c.ok else ("FAIL" if c.essential else "warn")
         print(f"{mark} {c.name:<28} {c.detail}"[:200])
+    print("layouts (docs/layouts.md): the channels this host can watch on each")
+    for v in layouts(results):
+        mark = "warn" if v.unwatched else "ok  "
+        text = f"{mark} {v.layout:<28} {' '.join(v.watched) or 'nothing'}"
+        for channel, missing in v.unwatched.items():
+            text += f"; not {channel} (needs: {', '.join(missing)})"
+        if v.absent:
+            text += f"; no {' '.join(v.absent)} on this layout"
+        print(text)
     return 0 if all(c.ok for c in results if c.essential) else 1

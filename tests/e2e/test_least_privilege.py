@@ -1,8 +1,10 @@
 """The agent works with exactly the privileges deploy/ grants it: root uid, the capability
 set of deploy/systemd/zonewatch.service (= the DaemonSet's) and nothing else in its
 bounding set, no_new_privs, and the kernel's memory-deny-write-execute (what
-MemoryDenyWriteExecute= asks for). Under those, a lab zone's file and net activity and a
-micro-VMM's VM exits still come out attributed: paths resolved, flows seen, exits counted."""
+MemoryDenyWriteExecute= asks for). Under those, a lab zone's file and net activity, a
+Kata-layout zone's net activity (its tap in the pod's network namespace, entered with
+CAP_SYS_ADMIN) and a micro-VMM's VM exits still come out attributed: paths resolved, flows
+seen, exits counted."""
 
 from __future__ import annotations
 
@@ -22,7 +24,10 @@ from zonewatch.lab.qemu import ZoneSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "zonewatch.service"
-CAP_BITS = {"CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39}
+CAP_BITS = {
+    "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38,
+    "CAP_BPF": 39,
+}  # fmt: skip
 WORKLOAD = """
 while true; do
   echo "least privilege" > /mnt/share/lp.txt
@@ -56,7 +61,11 @@ def lines_of(path: Path) -> list[dict[str, Any]]:
 def test_agent_runs_with_the_deployed_capabilities_only(tmp_path: Path, lab: Lab) -> None:
     caps = unit_capabilities()
     assert set(CAP_BITS) == caps, "update CAP_BITS with the unit's capability set"
-    zone = lab.start([ZoneSpec("lp-zone", "acme", WORKLOAD, 78)], timeout=90)[0]
+    zone, pod = lab.start(
+        [ZoneSpec("lp-zone", "acme", WORKLOAD, 78),
+         ZoneSpec("lp-pod", "acme", WORKLOAD, 79, layout="kata")],
+        timeout=90,
+    )  # fmt: skip
     (tmp_path / "tenants.yaml").write_text(lab.tenants_yaml())
     jsonl, log = tmp_path / "agent.jsonl", tmp_path / "agent.log"
     keep = ",".join("+" + c.removeprefix("CAP_").lower() for c in sorted(caps))
@@ -85,16 +94,22 @@ def test_agent_runs_with_the_deployed_capabilities_only(tmp_path: Path, lab: Lab
                     if x["type"] == "event" and x["channel"] == "net"
                     and x["zone"]["name"] == "lp-zone"
                 ]  # fmt: skip
+                pod_flows = [
+                    x for x in lines
+                    if x["type"] == "event" and x["channel"] == "net"
+                    and f"-{pod.pid}-" in x["zone"]["id"]
+                ]  # fmt: skip
                 exits = [
                     x for x in lines
                     if x["type"] == "stats" and x["zone"]["name"] == "lp-microvm"
                     and x["kvm"]["exits_per_s"] > 0
                 ]  # fmt: skip
-                if files and flows and exits:
+                if files and flows and pod_flows and exits:
                     break
                 assert agent.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, (
-                    f"file={len(files)} net={len(flows)} kvm={len(exits)}\n{log.read_text()}"
+                    f"file={len(files)} net={len(flows)} pod net={len(pod_flows)} "
+                    f"kvm={len(exits)}\n{log.read_text()}"
                 )
                 time.sleep(0.1)
             status = Path(f"/proc/{agent.pid}/status").read_text()
@@ -117,5 +132,9 @@ def test_agent_runs_with_the_deployed_capabilities_only(tmp_path: Path, lab: Lab
     assert attached, text
     assert {"file", "kvm", "sched", "net"} <= set(attached.group(1).split(", "))
     assert "not attached" not in text, text  # every probe of `zonewatch run` attached
+    # The pod's namespace was entered and its virtiofsd found: no channel is blind to a zone
+    # but sched to the TCG pod (its unnamed vCPU threads never run KVM_RUN under TCG).
+    assert set(re.findall(r"(\w+) channel blind to", text)) <= {"sched"}, text
+    assert pod_flows[0]["zone"]["tenant"] == "acme"
     assert files[0]["zone"]["tenant"] == "acme"
     assert files[0]["file"]["host_path"] == str(zone.share_dir / "lp.txt")

@@ -19,6 +19,8 @@ import pytest
 
 from tests.helpers.pods import TAP, Pod, kata_pod
 from tests.integration.test_net_probe import drain, wait_counts
+from zonewatch import coverage
+from zonewatch.coverage import CHANNELS
 from zonewatch.lab.tapfd import TapFd, ipv4, udp
 from zonewatch.model import Vmm, Zone
 from zonewatch.probes import tc
@@ -266,6 +268,16 @@ def test_blind_spots_say_why(probe: NetProbe) -> None:
         assert "cannot enter it" in spots[GONE]
         assert spots[MISSING] == "zwnp-none: no such device there"
         assert probe.attach_errors == errors + 3
+        # The same, by cause (the reason codes of zonewatch zones and /metrics).
+        causes = probe.blind_causes()
+        assert {key: set(c) for key, c in causes.items()} == {
+            HALF: {"no_rx_hook"}, GONE: {"netns"}, MISSING: {"tap_missing"},
+        }  # fmt: skip
+        assert causes[MISSING]["tap_missing"] == spots[MISSING]
+        covered = coverage.from_probes([half, gone, missing], CHANNELS, causes)
+        assert [v.reason for c in covered for v in c.blind() if v.channel == "net"] == [
+            "no_rx_hook", "netns", "tap_missing",
+        ]  # fmt: skip
         # The half-seen pod still counts what its guest sends.
         assert pod.guest is not None
         pod.guest.send(pod.udp_from_guest(GUEST_PORT, HOST_PORT, b"half"))

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
 UNIT = ROOT / "deploy" / "systemd" / "zonewatch.service"
 # What the agent needs (deploy/systemd/zonewatch.service says why, and how it was measured).
-CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE"}
+CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE", "SYS_ADMIN"}
 KUBERNETES_VERSIONS = ["1.30.0", "1.33.0"]
 
 
@@ -86,7 +86,7 @@ def test_the_schema_check_catches_a_misspelt_field() -> None:
 def test_daemonset_least_privilege() -> None:
     pod = kind("DaemonSet")["spec"]["template"]["spec"]
     assert pod["hostPID"] is True
-    assert pod["hostNetwork"] is True  # taps are in the host's network namespace
+    assert pod["hostNetwork"] is True  # plain zones' taps are in the host's network namespace
     assert pod["automountServiceAccountToken"] is False
     sc = agent_container()["securityContext"]
     assert sc.get("privileged") is False
@@ -170,6 +170,7 @@ def test_unit_hardening() -> None:
         "LockPersonality": "yes",
         "MemoryDenyWriteExecute": "yes",
         "SystemCallArchitectures": "native",
+        "RestrictNamespaces": "net",  # setns into pods' network namespaces, nothing else
     }.items():
         assert s.get(key) == value, key
     assert set(s["RestrictAddressFamilies"].split()) == {

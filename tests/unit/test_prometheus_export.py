@@ -27,7 +27,9 @@ from zonewatch.exporters.prometheus import (
 from zonewatch.model import Alert, Lost, Severity, ZoneRef, ZoneStats
 
 ZONE = ZoneRef("qemu-1-2", "zone-a", "acme", "qemu")
-BOUNDED_LABELS = {"zone", "tenant", "vmm", "reason", "severity", "source", "probe", "queue", "le"}
+BOUNDED_LABELS = {
+    "zone", "tenant", "vmm", "reason", "severity", "source", "probe", "queue", "le", "channel",
+}  # fmt: skip
 UNIT_SUFFIX = re.compile(r"_(seconds|ratio|total|bytes|count|sum|bucket|info|open)$")
 
 
@@ -264,10 +266,32 @@ def test_promtool_finds_no_problem_in_a_populated_exposition() -> None:
         [dataclasses.replace(stats(), **hists), dataclasses.replace(stats(), zone=unnamed)]
     )
     sink.export([Alert(1, ZONE, "r", Severity.LOW, "s"), Lost(1, "ringbuf", 2)])
-    sink.health = lambda: AgentHealth(events=5, probes=("kvm",), queue_depths={"grpc": 0})
+    sink.health = lambda: AgentHealth(
+        events=5, probes=("kvm",), queue_depths={"grpc": 0}, blind=[(ZONE, "net", "netns")]
+    )
     sink.observe_rule_latency(0.001)
     exposition = generate_latest(sink.registry)
     lint = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True,
                           timeout=60, check=False)  # fmt: skip
     assert (lint.returncode, lint.stdout + lint.stderr) == (0, b""), lint
     assert b"zonewatch_zone_sched_run_delay_seconds_sum" in exposition
+
+
+def test_blind_channels_are_a_gauge_by_zone_channel_and_reason() -> None:
+    """What `zonewatch zones` shows as blind, one series per (zone, channel, reason); a
+    zone seen again drops its series (the gauge is what the agent reports now)."""
+    sink = PrometheusSink(None)
+    unnamed = ZoneRef("qemu-4242-99", "qemu-4242", "globex", "qemu")
+    health = AgentHealth(blind=[(ZONE, "net", "netns"), (unnamed, "sched", "no_vcpu")])
+    sink.health = lambda: health
+    blind = {
+        (s.labels["zone"], s.labels["tenant"], s.labels["channel"], s.labels["reason"]): s.value
+        for s in scrape(sink)
+        if s.name == "zonewatch_zone_channel_blind"
+    }
+    assert blind == {
+        ("zone-a", "acme", "net", "netns"): 1.0,
+        (zone_label(unnamed), "globex", "sched", "no_vcpu"): 1.0,
+    }
+    health.blind = []
+    assert not [s for s in scrape(sink) if s.name == "zonewatch_zone_channel_blind"]

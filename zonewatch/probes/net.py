@@ -369,7 +369,7 @@ class NetProbe:
         self._spaces: dict[int, Space] = {}  # namespace inode -> our state there
         self._devices: dict[tuple[int, int], int] = {}  # zone_ifs keys we set -> zone key
         self._slots = CounterSlots(max_zones)  # zone key -> its index in `counters`
-        self._blind: dict[TapRef, tuple[int, str]] = {}  # -> (zone key, why), logged once
+        self._blind: dict[TapRef, tuple[int, str, str]] = {}  # -> (zone key, cause, why)
         self._zone_keys: set[int] = set()
         self._leaving = LeavingZones()  # zones gone: their slots go after a last collect()
         self._ended_zones: set[int] = set()  # zones gone whose flows the next sweep ends
@@ -402,9 +402,20 @@ class NetProbe:
         """Zone key -> why the net channel does not (fully) see that zone's traffic; zones
         seen fully are absent."""
         out: dict[int, list[str]] = {}
-        for ref, (key, why) in sorted(self._blind.items(), key=lambda kv: kv[0].name):
+        for ref, (key, _cause, why) in sorted(self._blind.items(), key=lambda kv: kv[0].name):
             out.setdefault(key, []).append(f"{self._where(ref)}: {why}")
         return {key: "; ".join(reasons) for key, reasons in out.items()}
+
+    def blind_causes(self) -> dict[int, dict[str, str]]:
+        """Zone key -> cause (one of BLIND_CAUSES) -> why, for each zone the net channel
+        does not (fully) see; the causes are a fixed set (bounded metric labels)."""
+        out: dict[int, dict[str, list[str]]] = {}
+        for ref, (key, cause, why) in sorted(self._blind.items(), key=lambda kv: kv[0].name):
+            out.setdefault(key, {}).setdefault(cause, []).append(f"{self._where(ref)}: {why}")
+        return {
+            key: {cause: "; ".join(whys) for cause, whys in causes.items()}
+            for key, causes in out.items()
+        }
 
     def attach(self) -> None:
         bcc = import_bcc()
@@ -677,7 +688,7 @@ class NetProbe:
             self._tc.remove(ipr, w.placed, w.created_clsact)
         except NetlinkError as exc:
             log.warning("net probe: cannot remove our filters from %s: %s", self._where(ref), exc)
-        if self._blind.get(ref, (0, ""))[0] == w.zone_key:
+        if self._blind.get(ref, (0, "", ""))[0] == w.zone_key:
             del self._blind[ref]
         log.info("net probe: stopped watching %s", self._where(ref))
 
@@ -688,8 +699,8 @@ class NetProbe:
         """A tap we can't (fully) watch now: tried again later, but counted and logged
         once for as long as the reason stays the same (a full host would log it every
         second)."""
-        if self._blind.get(ref) != (key, why):
-            self._blind[ref] = (key, why)
+        if self._blind.get(ref) != (key, cause, why):
+            self._blind[ref] = (key, cause, why)
             self.attach_errors += 1
             self.blind_counts[cause] += 1
             log.warning("net probe: cannot watch %s: %s", self._where(ref), why)
