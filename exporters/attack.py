@@ -34,6 +34,7 @@ TACTICS: dict[str, tuple[str, str]] = {
 
 # ATT&CK Enterprise names of the techniques and sub-techniques the default rules use.
 TECHNIQUE_NAMES: dict[str, str] = {
+    "T1003": "OS Credential Dumping",
     "T1014": "Rootkit",
     "T1021": "Remote Services",
     "T1041": "Exfiltration Over C2 Channel",
@@ -44,6 +45,7 @@ TECHNIQUE_NAMES: dict[str, str] = {
     "T1055": "Process Injection",
     "T1055.008": "Ptrace System Calls",
     "T1059": "Command and Scripting Interpreter",
+    "T1068": "Exploitation for Privilege Escalation",
     "T1071": "Application Layer Protocol",
     "T1071.004": "DNS",
     "T1098": "Account Manipulation",
@@ -59,9 +61,12 @@ TECHNIQUE_NAMES: dict[str, str] = {
     "T1548": "Abuse Elevation Control Mechanism",
     "T1552": "Unsecured Credentials",
     "T1552.005": "Cloud Instance Metadata API",
+    "T1562": "Impair Defenses",
+    "T1562.006": "Indicator Blocking",
     "T1568": "Dynamic Resolution",
     "T1571": "Non-Standard Port",
     "T1611": "Escape to Host",
+    "T1620": "Reflective Code Loading",
 }
 
 
