@@ -25,3 +25,15 @@ def test_static_checks(command: list[str]) -> None:
         [sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_no_two_test_modules_share_a_name() -> None:
+    """The test folders are not packages: pytest imports each module by its basename, and a
+    second module of the same name stops the whole run at collection."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        first = seen.setdefault(path.name, path)
+        if first != path:
+            clashes.append(f"{first.relative_to(ROOT)} and {path.relative_to(ROOT)}")
+    assert not clashes, "rename one of: " + "; ".join(clashes)
